@@ -1,0 +1,19 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lorafx-installed
+
+.PHONY: demo test
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# Without CUDA, install the CPU torch wheel first so pip never pulls a multi-GB CUDA build.
+	command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lorafx demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests

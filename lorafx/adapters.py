@@ -1,0 +1,176 @@
+"""Adapters in exactly Hugging Face PEFT's on-disk format.
+
+adapter_model.safetensors holds `base_model.model.<module path>.lora_A.weight` (r, in) and
+`.lora_B.weight` (out, r); adapter_config.json holds the LoraConfig fields PEFT writes.
+Only safetensors are read: pickled adapter_model.bin files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .files import write_atomically, write_text
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+KEY_PREFIX = "base_model.model."
+
+TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+
+
+class AdapterError(ValueError):
+    """An adapter folder that does not fit the model: the message names the first problem."""
+
+
+def peft_config(lm) -> dict:
+    """The adapter_config.json dict PEFT writes for an equivalent LoraConfig."""
+    spec = lm.spec
+    sites = lm.linear_sites()
+    paths = lm.lora_paths()
+    return {
+        "task_type": _task_type(lm),
+        "peft_type": "LORA",
+        "auto_mapping": None,
+        "base_model_name_or_path": lm._base_name,
+        "revision": None,
+        "inference_mode": False,
+        "r": spec.r,
+        "target_modules": _target_modules(paths, list(sites)),
+        "exclude_modules": None,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "fan_in_fan_out": any(sites[p].fan_in_fan_out for p in paths),
+        "bias": spec.bias,
+        "use_rslora": spec.use_rslora,
+        "modules_to_save": None,
+        "init_lora_weights": True if spec.init == "kaiming" else "gaussian",
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "loftq_config": {},
+        "use_dora": False,
+        "layer_replication": None,
+        "lora_bias": False,
+    }
+
+
+def _task_type(lm):
+    return next((task for suffix, task in TASK_TYPES.items() if lm.model_class.endswith(suffix)), None)
+
+
+def _target_modules(lora_paths: list[str], linear_paths: list[str]) -> list[str]:
+    """PEFT matches a list entry by `key == t or key.endswith("." + t)`: write short names
+    ("q_proj") when they select exactly our LoRA layers, else the full paths."""
+    short = sorted({p.rsplit(".", 1)[-1] for p in lora_paths})
+    selected = {p for p in linear_paths if any(p == s or p.endswith("." + s) for s in short)}
+    return short if selected == set(lora_paths) else sorted(lora_paths)
+
+
+def save_adapter(lm, directory) -> None:
+    directory = os.fspath(directory)
+    tensors = {KEY_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in lm.named_lora_parameters()}
+    config = json.dumps(peft_config(lm), indent=2, sort_keys=True)
+    write_atomically(
+        {
+            os.path.join(directory, WEIGHTS_NAME): lambda tmp: safetensors.torch.save_file(
+                tensors, tmp, metadata={"format": "pt"}
+            ),
+            os.path.join(directory, CONFIG_NAME): write_text(config),
+        }
+    )
+
+
+def read_config(directory) -> dict:
+    directory = os.fspath(directory)
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"adapter folder {directory!r} does not exist")
+    if not os.path.isfile(path):
+        raise AdapterError(f"{path} is missing: not a PEFT adapter folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON: {e}") from e
+    return check_config(config, path)
+
+
+def check_config(config, path: str) -> dict:
+    """The fields lorafx reads from a PEFT LoraConfig dict are present and supported."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type={config['peft_type']!r}, lorafx loads LORA adapters only")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if field not in config:
+            raise AdapterError(f"{path} has no {field!r} field")
+    if config.get("use_dora"):
+        raise AdapterError(f"{path}: use_dora=true (DoRA) is not supported")
+    return config
+
+
+def read_tensors(directory: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+            raise AdapterError(
+                f"{directory} holds only adapter_model.bin (pickle), which lorafx never loads; "
+                "re-save it with safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
+            )
+        raise AdapterError(f"{path} is missing")
+    try:
+        return safetensors.torch.load_file(path)
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{path} is not a valid safetensors file: {e}") from e
+
+
+def load_adapter(lm, directory) -> None:
+    """Check everything first (config, key set, shapes), then copy: no partial loads."""
+    directory = os.fspath(directory)
+    config = read_config(directory)
+    spec = lm.spec
+    if config["r"] != spec.r:
+        raise AdapterError(f"adapter r={config['r']} but the model was transformed with r={spec.r}")
+    alpha, rslora = config["lora_alpha"], bool(config.get("use_rslora", False))
+    if (alpha, rslora) != (spec.alpha, spec.use_rslora):
+        raise AdapterError(
+            f"adapter lora_alpha={alpha}, use_rslora={rslora} but the model has alpha={spec.alpha}, "
+            f"use_rslora={spec.use_rslora}; transform with LoraSpec.from_peft_config({directory!r})"
+        )
+    tensors = read_tensors(directory)
+    loaded = {}
+    for key, value in tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise AdapterError(f"unexpected key {key!r}: PEFT keys start with {KEY_PREFIX!r}")
+        loaded[key[len(KEY_PREFIX):].replace(".default.", ".")] = value
+    params = dict(lm.named_lora_parameters())
+    missing = sorted(set(params) - set(loaded))
+    if missing:
+        raise AdapterError(f"adapter lacks {KEY_PREFIX + missing[0]} ({len(missing)} keys missing)")
+    unexpected = sorted(set(loaded) - set(params))
+    if unexpected:
+        raise AdapterError(
+            f"adapter has {KEY_PREFIX + unexpected[0]}, which this model has no LoRA layer for "
+            f"({len(unexpected)} unexpected keys); is it for another model or other targets?"
+        )
+    for name, p in params.items():
+        if tuple(loaded[name].shape) != tuple(p.shape):
+            raise AdapterError(
+                f"{KEY_PREFIX + name} has shape {tuple(loaded[name].shape)}, the model expects {tuple(p.shape)}"
+            )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(loaded[name])

@@ -1,0 +1,112 @@
+"""Capture an nn.Module as a torch.fx GraphModule with torch.export (non-strict).
+
+Weights stay `get_attr` nodes named by their module path and every node carries
+`meta["nn_module_stack"]`, which is what the passes match on. The module is captured in
+training mode so dropout probabilities are in the graph; the `dropout_follows_mode` pass
+then makes them follow `.train()` / `.eval()` again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+from torch.export import Dim
+
+# Inputs the captured graph of a Hugging Face model takes; everything else is refused at
+# call time with a clear error rather than silently ignored.
+HF_INPUTS = ("input_ids", "attention_mask")
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph."""
+
+
+@dataclasses.dataclass
+class Captured:
+    graph_module: torch.fx.GraphModule
+    input_names: tuple[str, ...] | None  # keyword inputs of an HF model; None for plain modules
+    output_head: str | None  # module path of the output embeddings (excluded by all-linear)
+    hf_model: bool
+
+
+def is_hf_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "get_output_embeddings")
+
+
+def capture(model: torch.nn.Module, example_args=(), example_kwargs=None, dynamic_shapes=None) -> Captured:
+    """Export `model` and return its graph with dynamic batch/sequence for HF models.
+
+    Plain modules need `example_args`/`example_kwargs`; every tensor dim is then left to
+    torch.export to keep dynamic where the code allows (`Dim.AUTO`) unless `dynamic_shapes`
+    is given.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"lorafx captures torch.nn.Module objects, got {type(model).__name__}")
+    hf = is_hf_model(model)
+    if hf and not example_args and example_kwargs is None:
+        example_kwargs, dynamic_shapes = _hf_example(model)
+    elif not example_args and not example_kwargs:
+        raise CaptureError(
+            f"{type(model).__name__} is not a Hugging Face model: pass example inputs, "
+            "e.g. lorafx.transform(model, spec, example_args=(x,))"
+        )
+    example_kwargs = example_kwargs or {}
+    if dynamic_shapes is None:
+        dynamic_shapes = [
+            torch.utils._pytree.tree_map(
+                lambda x: {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None, value
+            )
+            for value in (*example_args, *example_kwargs.values())
+        ]
+    was_training = model.training
+    try:
+        with _no_kv_cache(model):
+            model.train()
+            ep = torch.export.export(
+                model, tuple(example_args), example_kwargs, dynamic_shapes=dynamic_shapes, strict=False
+            )
+    except Exception as e:  # torch.export raises many types; re-raise one that names the model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first}") from e
+    finally:
+        model.train(was_training)
+    exported = ep.module()
+    # ep.module() refuses .train()/.eval(); a plain GraphModule over the same graph does not.
+    gm = torch.fx.GraphModule(exported, exported.graph)
+    head = _output_head_path(model) if hf else None
+    names = tuple(example_kwargs) if hf else None
+    return Captured(graph_module=gm, input_names=names, output_head=head, hf_model=hf)
+
+
+def _hf_example(model):
+    """A (2, 8) batch of token ids: sizes above 1 so export keeps batch and seq symbolic."""
+    vocab = getattr(model.config, "vocab_size", None) or 2
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (2, 8), device=device)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch, seq = Dim("batch"), Dim("seq")
+    return kwargs, {name: {0: batch, 1: seq} for name in kwargs}
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model):
+    """HF decoders return a DynamicCache by default, which torch.export cannot output."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_cache"):
+        yield
+        return
+    old = config.use_cache
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = old
+
+
+def _output_head_path(model) -> str | None:
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    return next(name for name, module in model.named_modules() if module is head)

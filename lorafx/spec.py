@@ -1,0 +1,117 @@
+"""LoraSpec: what to adapt and how, validated when it is built.
+
+Field names follow the LoRA paper; their PEFT twins are noted so a PEFT user can map a
+LoraConfig one to one (see `LoraSpec.from_peft_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Sequence
+
+INITS = ("kaiming", "gaussian")
+BIASES = ("none",)
+ALL_LINEAR = "all-linear"
+
+
+def _fail(field: str, value, allowed: str):
+    raise ValueError(f"LoraSpec.{field}={value!r} is invalid: allowed is {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters: h = W0·x + scale·B·A·x with scale = alpha/r (alpha/√r with rsLoRA).
+
+    targets: "all-linear" (every linear layer except `exclude`), a list of module-name
+        suffixes like PEFT's `target_modules` (["q_proj", "v_proj"]), or a regex string
+        matched against the full module path (PEFT's regex form, `re.fullmatch`).
+    exclude: same forms as `targets`; None means PEFT's default: the output head when
+        targets is "all-linear", nothing otherwise.
+    init: "kaiming" (PEFT default: A kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r)).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: str | Sequence[str] = ALL_LINEAR
+    exclude: str | Sequence[str] | None = None
+    use_rslora: bool = False
+    init: str = "kaiming"
+    bias: str = "none"
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            _fail("r", self.r, "an integer >= 1")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
+            math.isfinite(self.alpha) and self.alpha > 0
+        ):
+            _fail("alpha", self.alpha, "a finite number > 0")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
+            0 <= self.dropout < 1
+        ):
+            _fail("dropout", self.dropout, "a number with 0 <= dropout < 1")
+        object.__setattr__(self, "targets", _check_selector("targets", self.targets))
+        if self.exclude is not None:
+            object.__setattr__(self, "exclude", _check_selector("exclude", self.exclude))
+        if not isinstance(self.use_rslora, bool):
+            _fail("use_rslora", self.use_rslora, "True or False")
+        if self.init not in INITS:
+            _fail("init", self.init, " or ".join(map(repr, INITS)))
+        if self.bias not in BIASES:
+            _fail("bias", self.bias, "'none' (LoRA bias training is not supported)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def selects(self, path: str) -> bool:
+        """True when the module at `path` is a target and not excluded."""
+        return _matches(self.targets, path) and not (self.exclude and _matches(self.exclude, path))
+
+    @classmethod
+    def from_peft_config(cls, config) -> "LoraSpec":
+        """A spec equal to a PEFT LoraConfig (a dict, an adapter_config.json or its folder)."""
+        from .adapters import check_config, read_config  # adapters imports spec
+
+        config = check_config(config, "config") if isinstance(config, dict) else read_config(config)
+        targets = config["target_modules"]
+        return cls(
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout", 0.0),
+            targets=targets if isinstance(targets, str) else sorted(targets),
+            exclude=config.get("exclude_modules") or [],
+            use_rslora=config.get("use_rslora", False),
+            bias=config.get("bias", "none"),
+        )
+
+
+def _check_selector(field: str, value):
+    """Targets/exclude: "all-linear", a regex string, or a non-empty list of name suffixes."""
+    if isinstance(value, str):
+        if value == ALL_LINEAR:
+            return value
+        if not value:
+            _fail(field, value, f"{ALL_LINEAR!r}, a regex, or a list of module-name suffixes")
+        try:
+            re.compile(value)
+        except re.error as e:
+            _fail(field, value, f"a valid regex ({e})")
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(
+        isinstance(v, str) and v for v in value
+    ):
+        if field == "targets" and not value:
+            _fail(field, value, "a non-empty list of module-name suffixes")
+        return tuple(sorted(value))
+    return _fail(field, value, f"{ALL_LINEAR!r}, a regex string, or a list of non-empty strings")
+
+
+def _matches(selector, path: str) -> bool:
+    if selector == ALL_LINEAR:
+        return True
+    if isinstance(selector, str):
+        return re.fullmatch(selector, path) is not None
+    return any(path == s or path.endswith("." + s) for s in selector)

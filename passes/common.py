@@ -1,0 +1,49 @@
+"""What passes share: the result record and the node.meta keys they read and write."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+# node.meta keys. A pass communicates with later passes only through these.
+LINEAR = "lorafx.linear"  # on a linear node: a LinearSite
+LORA = "lorafx.lora"  # on every node insert_lora adds: (module path, role)
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSite:
+    """A linear layer in the graph: y = x·Wᵀ (+b), or x·W + b for GPT-2's Conv1D (fan_in_fan_out)."""
+
+    path: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What a pass did; tests assert these counts."""
+
+    name: str
+    counts: dict[str, int]
+
+    def __str__(self):
+        return f"{self.name}: " + ", ".join(f"{k}={v}" for k, v in self.counts.items())
+
+
+def weight_node(node: torch.fx.Node) -> torch.fx.Node:
+    """The weight operand of a linear (aten.linear) or Conv1D (aten.addmm) node."""
+    return node.args[1] if node.target == aten.linear.default else node.args[2]
+
+
+def input_node(node: torch.fx.Node) -> torch.fx.Node:
+    return node.args[0] if node.target == aten.linear.default else node.args[1]
+
+
+def fetch_attr(gm: torch.nn.Module, target: str):
+    """The tensor or module a `get_attr` target names ("model.layers.0.mlp.up_proj.weight")."""
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)

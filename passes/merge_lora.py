@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import torch
+
+from .common import LINEAR, LORA, PassResult, fetch_attr
+
+
+def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
+    """Fold scale·B·A into each base weight and remove the LoRA subgraph and its modules.
+
+    W ← W + scale·(B·A) (transposed for Conv1D), computed in float32 and cast back, so the
+    merged graph is the original architecture again: plain aten.linear/addmm nodes only.
+    """
+    branches: dict[str, dict[str, torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if LORA in node.meta:
+            path, role = node.meta[LORA]
+            branches.setdefault(path, {}).setdefault(role, node)
+    merged_nodes = removed = 0
+    for path, roles in branches.items():
+        owner = gm.get_submodule(path)
+        scale = roles["scale"].args[1]
+        delta = scale * (fetch_attr(gm, roles["B"].target).float() @ fetch_attr(gm, roles["A"].target).float())
+        base = roles["add"].args[0]
+        if base.meta[LINEAR].fan_in_fan_out:
+            delta = delta.T
+        with torch.no_grad():
+            owner.weight.copy_((owner.weight.float() + delta).to(owner.weight.dtype))
+        for name in ("lora_A", "lora_B", "lora_dropout"):
+            delattr(owner, name)
+    # Every LoRA branch (each call of a shared layer has one) ends in an `add` node.
+    for node in list(gm.graph.nodes):
+        if node.meta.get(LORA, (None, None))[1] == "add":
+            node.replace_all_uses_with(node.args[0])
+            merged_nodes += 1
+    for node in reversed(list(gm.graph.nodes)):
+        if LORA in node.meta:
+            gm.graph.erase_node(node)
+            removed += 1
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult("merge_lora", {"modules": len(branches), "branches": merged_nodes, "nodes_removed": removed})

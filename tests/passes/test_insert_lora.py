@@ -1,0 +1,46 @@
+import torch
+from conftest import tiny_model
+
+import lorafx
+from lorafx.capture import capture
+from lorafx.passes import NoTargetError, insert_lora, match_linears
+from lorafx.passes.common import LORA, aten
+
+
+def test_inserts_one_tagged_branch_per_selected_layer():
+    gm = capture(tiny_model("mistral")).graph_module
+    match_linears(gm)
+    before = len(gm.graph.nodes)
+    spec = lorafx.LoraSpec(r=2, alpha=4, dropout=0.1, targets=["q_proj", "v_proj"])
+    assert insert_lora(gm, spec).counts == {"linear": 15, "lora": 4, "modules": 4}
+    assert len(gm.graph.nodes) == before + 4 * 7
+    roles = [n.meta[LORA][1] for n in gm.graph.nodes if LORA in n.meta]
+    assert roles.count("add") == 4 and roles.count("dropout") == 4
+    scale = next(n for n in gm.graph.nodes if n.meta.get(LORA, (0, 0))[1] == "scale")
+    assert scale.target == aten.mul.Tensor and scale.args[1] == 2.0
+    q = gm.get_submodule("model.layers.0.self_attn.q_proj")
+    assert (q.lora_A.weight.shape, q.lora_B.weight.shape) == ((2, 32), (32, 2))
+    assert torch.count_nonzero(q.lora_B.weight) == 0 and torch.count_nonzero(q.lora_A.weight) > 0
+    assert isinstance(q.lora_dropout, torch.nn.Dropout) and q.lora_dropout.p == 0.1
+    assert [n for n, p in gm.named_parameters() if p.requires_grad] == [
+        f"model.layers.{i}.self_attn.{m}.lora_{ab}.weight" for i in (0, 1) for m in ("q_proj", "v_proj") for ab in "AB"
+    ]
+
+
+def test_gaussian_init():
+    gm = capture(tiny_model("llama")).graph_module
+    match_linears(gm)
+    insert_lora(gm, lorafx.LoraSpec(r=64, init="gaussian", targets=["gate_proj"]))
+    a = gm.get_submodule("model.layers.0.mlp.gate_proj").lora_A.weight
+    assert abs(a.std().item() - 1 / 64) < 0.003
+
+
+def test_no_match_error_lists_existing_layers():
+    gm = capture(tiny_model("gpt2")).graph_module
+    match_linears(gm)
+    try:
+        insert_lora(gm, lorafx.LoraSpec(targets=["q_proj"]))
+    except NoTargetError as e:
+        assert "transformer.h.0.attn.c_attn" in str(e) and "LoraSpec.targets=('q_proj',)" in str(e)
+    else:
+        raise AssertionError("expected NoTargetError")
