@@ -16,4 +16,4 @@ demo: $(STAMP)
 	$(VENV)/bin/lorafx demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
