@@ -3,16 +3,22 @@
 from .adapters import AdapterError
 from .api import LoraModel, count_parameters, print_trainable_parameters, transform
 from .capture import CaptureError
+from .loading import CheckpointError, from_pretrained
+from .nf4 import NF4Weight, quantize_nf4
 from .passes import NoTargetError
 from .spec import LoraSpec
 
 __all__ = [
     "AdapterError",
     "CaptureError",
+    "CheckpointError",
+    "NF4Weight",
     "LoraModel",
     "LoraSpec",
     "NoTargetError",
     "count_parameters",
+    "from_pretrained",
     "print_trainable_parameters",
+    "quantize_nf4",
     "transform",
 ]

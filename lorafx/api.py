@@ -13,7 +13,7 @@ from lorafx.passes.common import LINEAR, LORA, LinearSite
 
 from . import adapters
 from .capture import Captured, capture
-from .spec import ALL_LINEAR, LoraSpec
+from .spec import LoraSpec
 
 GRAPH_PREFIX = "graph_module."
 
@@ -35,9 +35,7 @@ def transform(
     if isinstance(model, LoraModel):
         raise TypeError("model is already a LoraModel; transform the original model instead")
     captured = capture(model, example_args, example_kwargs, dynamic_shapes)
-    if spec.exclude is None:
-        default = [captured.output_head] if spec.targets == ALL_LINEAR and captured.output_head else []
-        spec = LoraSpec(**{**spec.__dict__, "exclude": default})
+    spec = spec.resolved(captured.output_head)
     results = run_passes(captured.graph_module, spec, TRANSFORM_PASSES)
     lm = LoraModel(captured, spec, model)
     lm.pass_results = results
@@ -139,6 +137,12 @@ class LoraModel(torch.nn.Module):
     def load_adapter(self, directory: str | os.PathLike) -> None:
         """Load an adapter saved by lorafx or PEFT; checks config, keys and shapes first."""
         adapters.load_adapter(self, directory)
+
+    def save_quantized(self, directory: str | os.PathLike) -> None:
+        """The base model as a transformers bitsandbytes 4-bit checkpoint folder (LoRA not included)."""
+        from .loading import save_quantized  # loading imports this module
+
+        save_quantized(self, directory)
 
     def merge(self) -> "LoraModel":
         """A copy with scale·B·A folded into the base weights and no LoRA nodes or parameters.

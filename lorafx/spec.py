@@ -11,7 +11,11 @@ import math
 import re
 from typing import Sequence
 
+import torch
+
 INITS = ("kaiming", "gaussian")
+QUANTIZE = (None, "nf4")
+COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 BIASES = ("none",)
 ALL_LINEAR = "all-linear"
 
@@ -30,6 +34,12 @@ class LoraSpec:
     exclude: same forms as `targets`; None means PEFT's default: the output head when
         targets is "all-linear", nothing otherwise.
     init: "kaiming" (PEFT default: A kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r)).
+
+    QLoRA: quantize="nf4" stores every frozen linear weight except `quantize_skip` as NF4
+    (bitsandbytes' layout; `blocksize`, `double_quant` as its blocksize/compress_statistics).
+    quantize_skip: selector form; None means the output head, as bitsandbytes skips it.
+    compute_dtype: dtype the NF4 weights dequantize to and the linear runs in; None means
+        bfloat16 on CUDA and the weight's own dtype elsewhere. LoRA weights use it too.
     """
 
     r: int = 8
@@ -40,6 +50,11 @@ class LoraSpec:
     use_rslora: bool = False
     init: str = "kaiming"
     bias: str = "none"
+    quantize: str | None = None
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype | None = None
+    quantize_skip: str | Sequence[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -61,6 +76,21 @@ class LoraSpec:
             _fail("init", self.init, " or ".join(map(repr, INITS)))
         if self.bias not in BIASES:
             _fail("bias", self.bias, "'none' (LoRA bias training is not supported)")
+        if self.quantize not in QUANTIZE:
+            _fail("quantize", self.quantize, "None or 'nf4'")
+        if (
+            isinstance(self.blocksize, bool)
+            or not isinstance(self.blocksize, int)
+            or not 32 <= self.blocksize <= 4096
+            or self.blocksize & (self.blocksize - 1)
+        ):
+            _fail("blocksize", self.blocksize, "a power of two from 32 to 4096")
+        if not isinstance(self.double_quant, bool):
+            _fail("double_quant", self.double_quant, "True or False")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            _fail("compute_dtype", self.compute_dtype, "None, torch.float32, torch.bfloat16 or torch.float16")
+        if self.quantize_skip is not None:
+            object.__setattr__(self, "quantize_skip", _check_selector("quantize_skip", self.quantize_skip))
 
     @property
     def scale(self) -> float:
@@ -69,6 +99,18 @@ class LoraSpec:
     def selects(self, path: str) -> bool:
         """True when the module at `path` is a target and not excluded."""
         return _matches(self.targets, path) and not (self.exclude and _matches(self.exclude, path))
+
+    def quantizes(self, path: str) -> bool:
+        """True when the frozen weight of the linear layer at `path` is stored as NF4."""
+        return self.quantize == "nf4" and not (self.quantize_skip and _matches(self.quantize_skip, path))
+
+    def resolved(self, output_head: str | None) -> "LoraSpec":
+        """The spec with PEFT's / bitsandbytes' defaults filled in for a model whose output
+        head is at `output_head`: all-linear excludes it from LoRA, NF4 keeps it full precision."""
+        head = [output_head] if output_head else []
+        exclude = self.exclude if self.exclude is not None else (head if self.targets == ALL_LINEAR else [])
+        skip = self.quantize_skip if self.quantize_skip is not None else head
+        return dataclasses.replace(self, exclude=exclude, quantize_skip=skip)
 
     @classmethod
     def from_peft_config(cls, config) -> "LoraSpec":

@@ -20,7 +20,9 @@ class LinearSite:
     path: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
     in_features: int
     out_features: int
-    fan_in_fan_out: bool
+    fan_in_fan_out: bool  # the module is a Conv1D (PEFT writes this flag for it)
+    dtype: torch.dtype  # dtype the layer computes in (the weight's, or NF4's compute dtype)
+    device: torch.device
 
 
 @dataclasses.dataclass

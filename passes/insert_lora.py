@@ -35,8 +35,7 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
     for node in selected:
         site = node.meta[LINEAR]
         if site.path not in modules:
-            weight = _weight(gm, node)
-            _add_lora_modules(gm, site, spec, weight.dtype, weight.device)
+            _add_lora_modules(gm, site, spec)
             modules.add(site.path)
         _insert_branch(gm, node, site.path, spec)
     gm.graph.lint()
@@ -44,15 +43,12 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
     return PassResult("insert_lora", {"linear": len(sites), "lora": len(selected), "modules": len(modules)})
 
 
-def _weight(gm, node):
-    site = node.meta[LINEAR]
-    return gm.get_submodule(site.path).weight
-
-
-def _add_lora_modules(gm, site, spec, dtype, device):
+def _add_lora_modules(gm, site, spec):
+    """PEFT's module names and init; LoRA weights in the dtype the layer computes in."""
     owner = gm.get_submodule(site.path)
-    lora_a = torch.nn.Linear(site.in_features, spec.r, bias=False, device=device, dtype=dtype)
-    lora_b = torch.nn.Linear(spec.r, site.out_features, bias=False, device=device, dtype=dtype)
+    factory = {"device": site.device, "dtype": site.dtype}
+    lora_a = torch.nn.Linear(site.in_features, spec.r, bias=False, **factory)
+    lora_b = torch.nn.Linear(spec.r, site.out_features, bias=False, **factory)
     with torch.no_grad():
         if spec.init == "kaiming":
             torch.nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))  # PEFT's default init

@@ -19,6 +19,9 @@ def match_linears(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in (aten.linear.default, aten.addmm.default):
             continue
+        if LINEAR in node.meta:  # tagged by an earlier run (from_pretrained tags before loading)
+            found += 1
+            continue
         weight = weight_node(node)
         stack = node.meta.get("nn_module_stack") or {}
         if not stack or not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
@@ -31,8 +34,8 @@ def match_linears(gm: torch.fx.GraphModule, spec=None) -> PassResult:
         if weight.target != f"{path}.weight" or is_conv1d != (module_type == CONV1D):
             skipped += 1
             continue
-        shape = fetch_attr(gm, weight.target).shape
-        in_f, out_f = (shape[0], shape[1]) if is_conv1d else (shape[1], shape[0])
-        node.meta[LINEAR] = LinearSite(path, int(in_f), int(out_f), is_conv1d)
+        w = fetch_attr(gm, weight.target)
+        in_f, out_f = (w.shape[0], w.shape[1]) if is_conv1d else (w.shape[1], w.shape[0])
+        node.meta[LINEAR] = LinearSite(path, int(in_f), int(out_f), is_conv1d, w.dtype, w.device)
         found += 1
     return PassResult("match_linears", {"linear": found, "skipped": skipped})

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import LINEAR, LORA, PassResult, fetch_attr
+from .common import LORA, PassResult, aten, fetch_attr, weight_node
+from .quantize_nf4 import STORAGE
 
 
 def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
@@ -22,10 +23,14 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
         scale = roles["scale"].args[1]
         delta = scale * (fetch_attr(gm, roles["B"].target).float() @ fetch_attr(gm, roles["A"].target).float())
         base = roles["add"].args[0]
-        if base.meta[LINEAR].fan_in_fan_out:
+        if base.target == aten.addmm.default:  # Conv1D stores W as (in, out)
             delta = delta.T
-        with torch.no_grad():
-            owner.weight.copy_((owner.weight.float() + delta).to(owner.weight.dtype))
+        weight = weight_node(base)
+        if weight.op == "get_attr":
+            with torch.no_grad():
+                owner.weight.copy_((owner.weight.float() + delta).to(owner.weight.dtype))
+        else:
+            _unquantize(gm, owner, weight, delta)
         for name in ("lora_A", "lora_B", "lora_dropout"):
             delattr(owner, name)
     # Every LoRA branch (each call of a shared layer has one) ends in an `add` node.
@@ -37,6 +42,24 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
         if LORA in node.meta:
             gm.graph.erase_node(node)
             removed += 1
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "get_attr" and not node.users and ".weight_nf4." in node.target:
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     return PassResult("merge_lora", {"modules": len(branches), "branches": merged_nodes, "nodes_removed": removed})
+
+
+def _unquantize(gm, owner, dequant: torch.fx.Node, delta: torch.Tensor) -> None:
+    """An NF4 base: the merged weight W + delta cannot be NF4 again without a second rounding,
+    so it becomes a plain parameter in the compute dtype, read by a get_attr."""
+    args = [fetch_attr(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in dequant.args]
+    weight = dequant.target(*args)
+    owner.register_parameter(
+        "weight", torch.nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
+    )
+    delattr(owner, STORAGE)
+    with gm.graph.inserting_before(dequant):
+        plain = gm.graph.get_attr(f"{dequant.args[0].target.rsplit('.', 2)[0]}.weight")
+    dequant.replace_all_uses_with(plain)
+    gm.graph.erase_node(dequant)

@@ -1,0 +1,267 @@
+"""NF4 (4-bit NormalFloat) with double quantization, bit-compatible with bitsandbytes.
+
+This file is the plain-PyTorch reference: the ground truth that kernel tests compare
+against, and the CPU path of the ``lorafx::nf4_dequant`` op. Every rounding step mirrors
+bitsandbytes 0.50 on CPU so that packed bytes, absmax codes and dequantized values are
+identical to what ``bitsandbytes.functional.quantize_4bit(..., quant_type="nf4",
+compress_statistics=True)`` produces; checkpoints therefore move freely between the two.
+
+Layout (bitsandbytes' own):
+- blocks of ``blocksize`` run over the flattened row-major weight;
+- two 4-bit codes per byte, element 2i in the high nibble;
+- per-block absmax either as float32, or (double quantization) as uint8 codes of
+  ``absmax - offset`` in the signed 8-bit dynamic map, with one float32 scale per
+  ``NESTED_BLOCKSIZE`` codes (``nested_absmax``) and ``offset = absmax.mean()``.
+
+All functions are vectorized over blocks; nothing loops in Python per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
+"""The 16 NF4 values (quantiles of N(0, 1) scaled to [-1, 1]), exactly as bitsandbytes stores them."""
+
+# bitsandbytes quantizes by bucketizing against float32 midpoints; bucketize(right=False)
+# sends a value equal to a midpoint to the lower code, as bitsandbytes does.
+_NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+
+NESTED_BLOCKSIZE = 256
+"""Blocksize of the second-level quantization of absmax (fixed at 256 by bitsandbytes)."""
+
+_LOOKUP_SIZE = 65536
+
+
+def dynamic_map_signed_8bit() -> Tensor:
+    """The 256-entry signed 8-bit dynamic map used to double-quantize absmax.
+
+    Reimplements ``bitsandbytes.functional.create_dynamic_map(signed=True,
+    max_exponent_bits=7, total_bits=8)`` step for step (same float32 linspace, midpoint
+    and scaling operations), because the double-quantized codes are only portable if the
+    map is bit-identical. Exponent i contributes 2**i fraction values at scale 10**(i-6),
+    with both signs; 0 and 1.0 complete the 256 entries (the map is asymmetric: its most
+    negative value is -0.99297, not -1).
+    """
+    parts = []
+    for i in range(7):
+        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        parts += [(10 ** (i - 6)) * means, (-(10 ** (i - 6))) * means]
+    parts.append(torch.tensor([0.0, 1.0]))
+    return torch.cat(parts).sort().values
+
+
+DYNAMIC_MAP = dynamic_map_signed_8bit()
+
+
+def _dynamic_lookup(code: Tensor) -> Tensor:
+    """The 65536-entry table bitsandbytes' CPU kernel uses instead of a nearest search.
+
+    bitsandbytes maps a normalized value s in [-1, 1] to ``i = trunc((s + 1) * 0.5 * 65535
+    + 0.5)`` and reads the code from this table, whose entry i is the number of float32
+    midpoints of ``code`` below ``-1 + 2i / 65535``. Reproducing the table (rather than
+    rounding to the nearest code) is what makes our absmax codes match bitsandbytes' CPU
+    output bit for bit.
+    """
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(_LOOKUP_SIZE, dtype=torch.float32)) / (_LOOKUP_SIZE - 1)
+    return torch.searchsorted(midpoints, grid).to(torch.uint8)
+
+
+_DYNAMIC_LOOKUP = _dynamic_lookup(DYNAMIC_MAP)
+
+
+def quantize_nf4_blocks(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """Quantize ``w`` to NF4 codes, blocks running over the flattened row-major weight.
+
+    Returns ``(packed, absmax)``: packed uint8 of shape ``(numel // 2, 1)`` and float32
+    absmax of shape ``(numel // blocksize,)``. The caller guarantees a finite floating
+    ``w`` whose numel is a multiple of ``blocksize`` (``lorafx.nf4.quantize_nf4`` checks).
+    The scale is ``x * (1 / absmax)``, not ``x / absmax``: bitsandbytes multiplies by the
+    reciprocal, and the two can differ in the last bit, moving a value across a midpoint. An
+    all-zero block gets absmax 0 and code 7 (the NF4 zero) everywhere, i.e. bytes 0x77.
+    """
+    blocks = w.detach().reshape(-1, blocksize).float().contiguous()
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1)
+    codes = torch.bucketize(scaled, _NF4_MIDPOINTS.to(w.device), out_int32=True).to(torch.uint8)
+    packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
+    return packed.reshape(-1, 1), absmax
+
+
+def double_quantize_absmax(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Compress float32 absmax to uint8 codes, as bitsandbytes' ``compress_statistics``.
+
+    Returns ``(codes, nested_absmax, offset)``: codes uint8 like ``absmax``, one float32
+    scale per ``NESTED_BLOCKSIZE`` codes (the last group may be partial), and the 0-d
+    float32 ``offset = absmax.mean()``. Subtracting the mean centres the (all positive)
+    absmax values so the signed map spends its precision on their spread. Rounding goes
+    through bitsandbytes' 65536-entry lookup (see ``_dynamic_lookup``); a group whose
+    scale is 0 gets code 0, as in bitsandbytes.
+    """
+    offset = absmax.mean()
+    centered = absmax - offset
+    n = centered.numel()
+    groups = -(-n // NESTED_BLOCKSIZE)
+    padded = torch.nn.functional.pad(centered, (0, groups * NESTED_BLOCKSIZE - n)).view(groups, NESTED_BLOCKSIZE)
+    nested_absmax = padded.abs().amax(dim=1)
+    nonzero = (nested_absmax != 0).unsqueeze(1)
+    inverse = 1.0 / torch.where(nonzero, nested_absmax.unsqueeze(1), 1.0)
+    scaled = (padded * inverse).clamp_(-1, 1)
+    lookup_index = ((scaled + 1.0) * 0.5 * (_LOOKUP_SIZE - 1) + 0.5).to(torch.int64)
+    codes = torch.where(nonzero, _DYNAMIC_LOOKUP.to(absmax.device)[lookup_index], 0)
+    return codes.to(torch.uint8).reshape(-1)[:n], nested_absmax, offset
+
+
+def dequantize_absmax(codes: Tensor, nested_absmax: Tensor, nested_quant_map: Tensor, offset: Tensor) -> Tensor:
+    """Invert ``double_quantize_absmax``: ``nested_quant_map[code] * nested_absmax + offset`` in float32."""
+    scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
+    return nested_quant_map[codes.long()] * scale + offset
+
+
+def dequantize_nf4(
+    packed: Tensor,
+    absmax: Tensor,
+    quant_map: Tensor,
+    nested_absmax: Tensor | None,
+    nested_quant_map: Tensor | None,
+    offset: Tensor | None,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """Reference dequantization: float32 ``quant_map[nibble] * absmax[block]``, then ``.to(dtype)``.
+
+    ``absmax`` is float32, or uint8 codes (double quantization) together with
+    ``nested_absmax``, ``nested_quant_map`` and ``offset``. Rounding to ``dtype`` happens
+    once at the end, as in bitsandbytes, so bf16/fp16 results match it bit for bit.
+    """
+    if absmax.dtype == torch.uint8:
+        absmax = dequantize_absmax(absmax, nested_absmax, nested_quant_map, offset)
+    # Row b of byte_values holds the two values byte b decodes to, high nibble first,
+    # so one gather per byte replaces separate shift/mask/gather passes.
+    byte_values = torch.stack((quant_map.repeat_interleave(16), quant_map.repeat(16)), dim=1)
+    values = torch.index_select(byte_values, 0, packed.reshape(-1).int()).view(-1, blocksize)
+    return values.mul_(absmax.unsqueeze(1)).reshape(shape).to(dtype)
+
+
+def check_blocksize(blocksize: int) -> None:
+    """Raise ValueError unless ``blocksize`` is one bitsandbytes supports for 4-bit (32..4096, a power of two)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise ValueError(f"blocksize={blocksize!r} is invalid; allowed: a power of two in 32..4096")
+    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize={blocksize} is invalid; allowed: a power of two in 32..4096")
+
+
+def check_nf4_args(
+    packed: Tensor,
+    absmax: Tensor,
+    quant_map: Tensor,
+    nested_absmax: Tensor | None,
+    nested_quant_map: Tensor | None,
+    offset: Tensor | None,
+    blocksize: int,
+    shape: Sequence[int],
+) -> None:
+    """Raise ValueError unless the NF4 tensors and metadata describe one consistent weight.
+
+    Shared by the op's real and fake implementations (so a bad call fails at trace time,
+    not inside a kernel) and by ``lorafx.nf4.NF4Weight``. Messages name the field, the
+    value and what was expected.
+    """
+    check_blocksize(blocksize)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape={list(shape)} is invalid; dimensions must be non-negative")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel == 0 or numel % blocksize:
+        raise ValueError(
+            f"shape={list(shape)} has {numel} elements; allowed: a positive multiple of blocksize={blocksize}"
+        )
+    if packed.dtype != torch.uint8 or packed.numel() != numel // 2:
+        raise ValueError(
+            f"packed is {packed.dtype} with {packed.numel()} elements; expected torch.uint8 with "
+            f"{numel // 2} (two 4-bit codes per byte for shape={list(shape)})"
+        )
+    blocks = numel // blocksize
+    if absmax.dtype not in (torch.uint8, torch.float32) or absmax.numel() != blocks:
+        raise ValueError(
+            f"absmax is {absmax.dtype} with {absmax.numel()} elements; expected torch.uint8 (double "
+            f"quantization) or torch.float32 with {blocks} (numel {numel} / blocksize {blocksize})"
+        )
+    if quant_map.dtype != torch.float32 or quant_map.numel() != 16:
+        raise ValueError(
+            f"quant_map is {quant_map.dtype} with {quant_map.numel()} elements; expected torch.float32 with 16"
+        )
+    nested = {"nested_absmax": nested_absmax, "nested_quant_map": nested_quant_map, "offset": offset}
+    if absmax.dtype == torch.float32:
+        given = [name for name, t in nested.items() if t is not None]
+        if given:
+            raise ValueError(f"absmax is float32 (no double quantization) but {', '.join(given)} given; expected None")
+        return
+    missing = [name for name, t in nested.items() if t is None]
+    if missing:
+        raise ValueError(f"absmax is uint8 (double quantization) but {', '.join(missing)} missing")
+    groups = -(-blocks // NESTED_BLOCKSIZE)
+    expected = {"nested_absmax": groups, "nested_quant_map": 256, "offset": 1}
+    for name, t in nested.items():
+        if t.dtype != torch.float32 or t.numel() != expected[name]:
+            raise ValueError(
+                f"{name} is {t.dtype} with {t.numel()} elements; expected torch.float32 with {expected[name]}"
+            )
+
+
+@torch.library.custom_op("lorafx::nf4_dequant", mutates_args=())
+def nf4_dequant(
+    packed: Tensor,
+    absmax: Tensor,
+    quant_map: Tensor,
+    nested_absmax: Tensor | None,
+    nested_quant_map: Tensor | None,
+    offset: Tensor | None,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """Dequantize a bitsandbytes-layout NF4 weight to ``shape`` and ``dtype``.
+
+    One opaque node in FX / export / Inductor graphs, so fusion passes can match it and
+    exported programs keep the 4-bit storage. The arguments mirror the bitsandbytes
+    checkpoint tensors (``offset`` is a 0-d float32 tensor, the JSON's nested_offset);
+    the maps are passed as data, not baked in, because checkpoints carry their own.
+    The result is a frozen weight: no autograd formula is registered, so gradients flow
+    to whatever consumes the output (e.g. the input of a linear) but never to storage.
+    """
+    check_nf4_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape)
+    return dequantize_nf4(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dtype)
+
+
+@nf4_dequant.register_fake
+def _(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dtype):
+    check_nf4_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape)
+    return packed.new_empty(shape, dtype=dtype)

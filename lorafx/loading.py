@@ -1,0 +1,242 @@
+"""Hugging Face checkpoint folders in and out: streaming NF4 load, bnb 4-bit save.
+
+`from_pretrained` never holds the full-precision model: parameters start as untouched
+`torch.empty` placeholders (virtual memory only, so the model can be captured), then the
+safetensors shards are read tensor by tensor and each weight that will be NF4 is quantized
+as it arrives and its full-precision copy dropped. Peak memory stays near the NF4 model
+plus one tensor. A checkpoint saved in bitsandbytes 4-bit format is loaded as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+
+import safetensors
+import safetensors.torch
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from lorafx.passes import TRANSFORM_PASSES, match_linears, run_passes
+from lorafx.passes.common import LINEAR
+from lorafx.passes.quantize_nf4 import STORAGE, install_nf4
+
+from . import api
+from .capture import capture
+from .files import write_atomically, write_text
+from .nf4 import NF4Weight, quantize_nf4
+from .spec import LoraSpec
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+NF4_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not match its config: the message names the first problem."""
+
+
+def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None, progress: bool = True):
+    """A LoraModel from a local HF checkpoint folder (config.json + safetensors shards).
+
+    `dtype` is the dtype of the parameters that stay full precision (default: the config's
+    dtype, else float32). Weights `spec.quantizes` are streamed straight to NF4.
+    """
+    directory = os.fspath(directory)
+    config = _read_config(directory)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        if not (quantization.get("load_in_4bit") and quantization.get("bnb_4bit_quant_type") == "nf4"):
+            raise CheckpointError(f"{directory}: only bitsandbytes NF4 4-bit checkpoints are read, got {quantization}")
+        # The 4-bit weights are used as stored; skip what the checkpoint kept full precision.
+        skip = quantization.get("llm_int8_skip_modules")
+        spec = dataclasses.replace(spec, quantize="nf4", quantize_skip=skip if skip else spec.quantize_skip)
+        del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with _parameters_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    _placeholders(model, dtype)
+    model.eval()
+    captured = capture(model)
+    gm = captured.graph_module
+    spec = spec.resolved(captured.output_head)
+    match_linears(gm, spec)
+    sites = {n.meta[LINEAR].path: n.meta[LINEAR] for n in gm.graph.nodes if LINEAR in n.meta}
+    _stream(gm, directory, spec, sites, dtype, progress)
+    results = run_passes(gm, spec, TRANSFORM_PASSES)
+    lm = api.LoraModel(captured, spec, model)
+    lm.pass_results = results
+    return lm.train(False)
+
+
+def _read_config(directory):
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"{directory!r} has no config.json: not a Hugging Face checkpoint folder")
+    return transformers.AutoConfig.from_pretrained(directory)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build a model whose parameters are on the meta device (buffers stay real, as
+    accelerate's init_empty_weights(include_buffers=False) does)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and not param.is_meta:  # a meta param is being tied: keep its identity
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _placeholders(model, dtype):
+    """Replace meta parameters by untouched CPU tensors, keeping tied parameters tied."""
+    new: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in new:
+                    new[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False)
+                module._parameters[name] = new[id(p)]
+
+
+def _key_index(directory) -> dict[str, str]:
+    """checkpoint key → shard file."""
+    index = os.path.join(directory, INDEX)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return {k: os.path.join(directory, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(directory, WEIGHTS)
+    if not os.path.isfile(single):
+        raise CheckpointError(f"{directory} has neither {WEIGHTS} nor {INDEX} (only safetensors are read)")
+    with safetensors.safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _stream(gm, directory, spec, sites, dtype, progress):
+    key_index = _key_index(directory)
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    prefix = _checkpoint_prefix(params, key_index)
+    state_suffix = ".quant_state.bitsandbytes__nf4"
+    nf4_keys = {k.removesuffix(state_suffix) for k in key_index if k.endswith(state_suffix)}
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in key_index.items():
+        if not any(key.endswith("." + s) for s in NF4_SUFFIXES):
+            by_shard.setdefault(shard, []).append(key)
+    filled: set[int] = set()
+    bar = tqdm(total=sum(map(len, by_shard.values())), desc="loading", unit="tensor", disable=not progress)
+    for shard, keys in by_shard.items():
+        try:
+            handle = safetensors.safe_open(shard, framework="pt")
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CheckpointError(f"{shard} is not a readable safetensors file: {e}") from e
+        with handle as f:
+            for key in keys:
+                name = prefix + key
+                site = sites.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+                if name not in params:
+                    raise CheckpointError(f"{key} in {os.path.basename(shard)} is not a parameter of the model")
+                if key in nf4_keys or (site is not None and spec.quantizes(site.path)):
+                    # bitsandbytes stores every weight (Conv1D's too) as (out, in)
+                    if key in nf4_keys:
+                        weight = _read_nf4(key_index, key)
+                    else:
+                        tensor = f.get_tensor(key).to(dtype)
+                        _check_shape(key, tuple(tensor.shape), site, transposed=site.fan_in_fan_out)
+                        weight = quantize_nf4(tensor.T if site.fan_in_fan_out else tensor, spec.blocksize, spec.double_quant)
+                        del tensor
+                    _check_shape(key, tuple(weight.shape), site, transposed=False)
+                    install_nf4(gm.get_submodule(site.path), weight)
+                else:
+                    param, tensor = params[name], f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise CheckpointError(
+                            f"{key} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                        )
+                    param.data = tensor.to(dtype)
+                filled.add(id(params[name]))
+                bar.update(1)
+    bar.close()
+    missing = [n for n, p in params.items() if id(p) not in filled]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {missing[0]} ({len(missing)} parameters missing)")
+
+
+def _checkpoint_prefix(params, key_index) -> str:
+    """GPT-2-style checkpoints saved from the base model omit its prefix ("transformer.")."""
+    if any(k in params for k in key_index):
+        return ""
+    for name in params:
+        head, _, rest = name.partition(".")
+        if rest in key_index:
+            return head + "."
+    return ""
+
+
+def _check_shape(key, shape, site, transposed):
+    if site is None:
+        raise CheckpointError(f"{key} is stored 4-bit but is not the weight of a linear layer")
+    expected = (site.in_features, site.out_features) if transposed else (site.out_features, site.in_features)
+    if shape != expected:
+        raise CheckpointError(f"{key} has shape {shape}, the model expects {expected}")
+
+
+def _read_nf4(key_index, key) -> NF4Weight:
+    tensors = {}
+    for k in [key] + [f"{key}.{s}" for s in NF4_SUFFIXES]:
+        if k in key_index:
+            with safetensors.safe_open(key_index[k], framework="pt") as f:
+                tensors[k] = f.get_tensor(k)
+    try:
+        return NF4Weight.from_bnb_state_dict(tensors, key)
+    except ValueError as e:
+        raise CheckpointError(f"{key}: {e}") from e
+
+
+def save_quantized(lm, directory) -> None:
+    """The base model as a transformers bitsandbytes 4-bit checkpoint: config.json with its
+    quantization_config and model.safetensors with bnb's keys (LoRA goes in save_adapter)."""
+    gm = lm.graph_module
+    tensors: dict[str, torch.Tensor] = {}
+    skip: list[str] = []
+    for path, site in lm.linear_sites().items():
+        owner = gm.get_submodule(path)
+        if hasattr(owner, STORAGE):
+            tensors.update(owner.get_submodule(STORAGE).nf4_weight().to_bnb_state_dict(f"{path}.weight"))
+        else:
+            skip.append(path.rsplit(".", 1)[-1])
+    for name, p in gm.named_parameters():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            tensors[name] = p.detach()
+    tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+    if lm.config is None:
+        raise TypeError("save_quantized needs a Hugging Face model (it writes config.json)")
+    config = lm.config.to_dict()
+    compute = lm.spec.compute_dtype or next(iter(lm.linear_sites().values())).dtype
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": lm.spec.double_quant,
+        "bnb_4bit_compute_dtype": str(compute).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": sorted(set(skip)) or None,
+    }
+    directory = os.fspath(directory)
+    write_atomically(
+        {
+            os.path.join(directory, WEIGHTS): lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}),
+            os.path.join(directory, "config.json"): write_text(json.dumps(config, indent=2, sort_keys=True, default=str)),
+        }
+    )
