@@ -160,3 +160,26 @@ def test_capture_error_names_the_model():
 
     with pytest.raises(lorafx.CaptureError, match="could not capture Branchy"):
         lorafx.transform(Branchy(), SPEC, example_args=(torch.randn(2, 4),))
+
+
+def test_print_trainable_parameters_matches_peft_line(capsys):
+    model = tiny_model("mistral")
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(SPEC))
+    peft_model.print_trainable_parameters()
+    theirs = capsys.readouterr().out
+    lorafx.print_trainable_parameters(lorafx.transform(model, SPEC))
+    assert capsys.readouterr().out == theirs
+
+
+def test_state_dict_round_trip():
+    lm = lorafx.transform(tiny_model("llama"), SPEC).eval()
+    with torch.no_grad():
+        for p in lm.trainable_parameters():
+            p.normal_()
+    state = lm.state_dict()
+    assert "graph_module.model.layers.0.self_attn.q_proj.lora_B.weight" in state
+    other = lorafx.transform(tiny_model("llama", seed=1), SPEC).eval()
+    other.load_state_dict(state)
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, lm(ids).logits, rtol=0, atol=0)
