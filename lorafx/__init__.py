@@ -3,6 +3,7 @@
 from .adapters import AdapterError
 from .api import LoraModel, count_parameters, print_trainable_parameters, transform
 from .capture import CaptureError
+from .combine import combine_adapters
 from .loading import CheckpointError, from_pretrained
 from .nf4 import NF4Weight, quantize_nf4
 from .passes import NoTargetError
@@ -12,12 +13,13 @@ __all__ = [
     "AdapterError",
     "CaptureError",
     "CheckpointError",
-    "NF4Weight",
-    "LoraModel",
-    "LoraSpec",
-    "NoTargetError",
+    "combine_adapters",
     "count_parameters",
     "from_pretrained",
+    "LoraModel",
+    "LoraSpec",
+    "NF4Weight",
+    "NoTargetError",
     "print_trainable_parameters",
     "quantize_nf4",
     "transform",
