@@ -4,7 +4,9 @@ from .adapters import AdapterError
 from .api import LoraModel, count_parameters, print_trainable_parameters, transform
 from .capture import CaptureError
 from .combine import combine_adapters
+from .diagnose import diagnose
 from .loading import CheckpointError, from_pretrained
+from .loraplus import loraplus_param_groups
 from .nf4 import NF4Weight, quantize_nf4
 from .passes import NoTargetError
 from .spec import LoraSpec
@@ -15,8 +17,10 @@ __all__ = [
     "CheckpointError",
     "combine_adapters",
     "count_parameters",
+    "diagnose",
     "from_pretrained",
     "LoraModel",
+    "loraplus_param_groups",
     "LoraSpec",
     "NF4Weight",
     "NoTargetError",

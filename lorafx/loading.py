@@ -114,7 +114,7 @@ def _placeholders(model, dtype):
                 module._parameters[name] = new[id(p)]
 
 
-def _key_index(directory) -> dict[str, str]:
+def checkpoint_index(directory) -> dict[str, str]:
     """checkpoint key → shard file."""
     index = os.path.join(directory, INDEX)
     if os.path.isfile(index):
@@ -123,11 +123,11 @@ def _key_index(directory) -> dict[str, str]:
     single = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(single):
         raise CheckpointError(f"{directory} has neither {WEIGHTS} nor {INDEX} (only safetensors are read)")
-    with _open(single) as f:
+    with open_shard(single) as f:
         return {k: single for k in f.keys()}
 
 
-def _open(shard: str) -> SafetensorsFile:
+def open_shard(shard: str) -> SafetensorsFile:
     try:
         return SafetensorsFile(shard)
     except (SafetensorsFormatError, OSError) as e:
@@ -135,7 +135,7 @@ def _open(shard: str) -> SafetensorsFile:
 
 
 def _stream(gm, directory, spec, sites, dtype, progress):
-    key_index = _key_index(directory)
+    key_index = checkpoint_index(directory)
     params = dict(gm.named_parameters(remove_duplicate=False))
     prefix = _checkpoint_prefix(params, key_index)
     state_suffix = ".quant_state.bitsandbytes__nf4"
@@ -147,7 +147,7 @@ def _stream(gm, directory, spec, sites, dtype, progress):
     filled: set[int] = set()
     bar = tqdm(total=sum(map(len, by_shard.values())), desc="loading", unit="tensor", disable=not progress)
     for shard, keys in by_shard.items():
-        with _open(shard) as f:
+        with open_shard(shard) as f:
             for key in keys:
                 name = prefix + key
                 site = sites.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
@@ -211,7 +211,7 @@ def _read_nf4(key_index, key) -> NF4Weight:
     tensors = {}
     for k in [key] + [f"{key}.{s}" for s in NF4_SUFFIXES]:
         if k in key_index:
-            with _open(key_index[k]) as f:
+            with open_shard(key_index[k]) as f:
                 tensors[k] = f.get_tensor(k)
     try:
         return NF4Weight.from_bnb_state_dict(tensors, key)
