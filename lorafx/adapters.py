@@ -61,7 +61,7 @@ def peft_config(lm) -> dict:
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "loftq_config": {},
-        "use_dora": False,
+        "use_dora": spec.use_dora,
         "layer_replication": None,
         "lora_bias": False,
     }
@@ -117,8 +117,6 @@ def check_config(config, path: str) -> dict:
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in config:
             raise AdapterError(f"{path} has no {field!r} field")
-    if config.get("use_dora"):
-        raise AdapterError(f"{path}: use_dora=true (DoRA) is not supported")
     return config
 
 
@@ -144,11 +142,12 @@ def load_adapter(lm, directory) -> None:
     spec = lm.spec
     if config["r"] != spec.r:
         raise AdapterError(f"adapter r={config['r']} but the model was transformed with r={spec.r}")
-    alpha, rslora = config["lora_alpha"], bool(config.get("use_rslora", False))
-    if (alpha, rslora) != (spec.alpha, spec.use_rslora):
+    theirs = (config["lora_alpha"], bool(config.get("use_rslora", False)), bool(config.get("use_dora", False)))
+    if theirs != (spec.alpha, spec.use_rslora, spec.use_dora):
         raise AdapterError(
-            f"adapter lora_alpha={alpha}, use_rslora={rslora} but the model has alpha={spec.alpha}, "
-            f"use_rslora={spec.use_rslora}; transform with LoraSpec.from_peft_config({directory!r})"
+            f"adapter lora_alpha={theirs[0]}, use_rslora={theirs[1]}, use_dora={theirs[2]} but the model has "
+            f"alpha={spec.alpha}, use_rslora={spec.use_rslora}, use_dora={spec.use_dora}; "
+            f"transform with LoraSpec.from_peft_config({directory!r})"
         )
     tensors = read_tensors(directory)
     loaded = {}

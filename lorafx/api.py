@@ -109,7 +109,7 @@ class LoraModel(torch.nn.Module):
     def named_lora_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """LoRA parameters with PEFT-style names: `model.layers.0.self_attn.q_proj.lora_A.weight`."""
         for name, p in self.graph_module.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
+            if ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector"):
                 yield name, p
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

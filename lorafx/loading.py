@@ -231,8 +231,9 @@ def save_quantized(lm, directory) -> None:
             tensors.update(owner.get_submodule(STORAGE).nf4_weight().to_bnb_state_dict(f"{path}.weight"))
         else:
             skip.append(path.rsplit(".", 1)[-1])
+    lora = dict(lm.named_lora_parameters())
     for name, p in gm.named_parameters():
-        if ".lora_A." not in name and ".lora_B." not in name:
+        if name not in lora:
             tensors[name] = p.detach()
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     if lm.config is None:

@@ -33,6 +33,8 @@ class LoraSpec:
         matched against the full module path (PEFT's regex form, `re.fullmatch`).
     exclude: same forms as `targets`; None means PEFT's default: the output head when
         targets is "all-linear", nothing otherwise.
+    use_dora: DoRA (weight-decomposed LoRA): a trainable magnitude per output row rescales
+        W0 + scale·B·A, as PEFT's use_dora.
     init: "kaiming" (PEFT default: A kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r)).
 
     QLoRA: quantize="nf4" stores every frozen linear weight except `quantize_skip` as NF4
@@ -48,6 +50,7 @@ class LoraSpec:
     targets: str | Sequence[str] = ALL_LINEAR
     exclude: str | Sequence[str] | None = None
     use_rslora: bool = False
+    use_dora: bool = False
     init: str = "kaiming"
     bias: str = "none"
     quantize: str | None = None
@@ -72,6 +75,8 @@ class LoraSpec:
             object.__setattr__(self, "exclude", _check_selector("exclude", self.exclude))
         if not isinstance(self.use_rslora, bool):
             _fail("use_rslora", self.use_rslora, "True or False")
+        if not isinstance(self.use_dora, bool):
+            _fail("use_dora", self.use_dora, "True or False")
         if self.init not in INITS:
             _fail("init", self.init, " or ".join(map(repr, INITS)))
         if self.bias not in BIASES:
@@ -126,6 +131,7 @@ class LoraSpec:
             targets=targets if isinstance(targets, str) else sorted(targets),
             exclude=config.get("exclude_modules") or [],
             use_rslora=config.get("use_rslora", False),
+            use_dora=config.get("use_dora", False),
             bias=config.get("bias", "none"),
         )
 

@@ -49,3 +49,14 @@ def fetch_attr(gm: torch.nn.Module, target: str):
     """The tensor or module a `get_attr` target names ("model.layers.0.mlp.up_proj.weight")."""
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def weight_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+    """The base weight of linear/Conv1D node `node` as a tensor in (out, in) layout: a
+    parameter read, or the `lorafx::nf4_dequant` node that feeds it evaluated."""
+    weight = weight_node(node)
+    if weight.op == "get_attr":
+        value = fetch_attr(gm, weight.target)
+    else:
+        value = weight.target(*[fetch_attr(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in weight.args])
+    return value.T if node.target == aten.addmm.default else value

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .common import LINEAR, LORA, PassResult, aten, input_node
+from .common import LINEAR, LORA, PassResult, aten, input_node, weight_node, weight_value
 
 
 class NoTargetError(ValueError):
@@ -18,6 +18,8 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
     path (`<path>.lora_A`, `<path>.lora_B`, `<path>.lora_dropout`) and inserts, after the
     base node y:  x → dropout → linear(·, A) → linear(·, B) → mul(scale) → add(y, ·).
     The same subgraph serves Conv1D (addmm): its x is already the 2-D view addmm reads.
+    With `spec.use_dora`, DoRA's magnitude vector `<path>.lora_magnitude_vector` and its
+    rescaling term join the branch (see `_dora`).
     Base weights are frozen. Every inserted node is tagged `meta[LORA] = (path, role)` so
     merge_lora and the fuse passes find the subgraph without pattern guessing.
     """
@@ -35,7 +37,7 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
     for node in selected:
         site = node.meta[LINEAR]
         if site.path not in modules:
-            _add_lora_modules(gm, site, spec)
+            _add_lora_modules(gm, node, site, spec)
             modules.add(site.path)
         _insert_branch(gm, node, site.path, spec)
     gm.graph.lint()
@@ -43,7 +45,7 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
     return PassResult("insert_lora", {"linear": len(sites), "lora": len(selected), "modules": len(modules)})
 
 
-def _add_lora_modules(gm, site, spec):
+def _add_lora_modules(gm, node, site, spec):
     """PEFT's module names and init; LoRA weights in the dtype the layer computes in."""
     owner = gm.get_submodule(site.path)
     factory = {"device": site.device, "dtype": site.dtype}
@@ -58,6 +60,9 @@ def _add_lora_modules(gm, site, spec):
     owner.add_module("lora_A", lora_a)
     owner.add_module("lora_B", lora_b)
     owner.add_module("lora_dropout", torch.nn.Dropout(spec.dropout) if spec.dropout else torch.nn.Identity())
+    if spec.use_dora:  # B = 0, so the magnitude starts as ‖W‖ per output row: the layer is unchanged
+        norm = torch.linalg.vector_norm(weight_value(gm, node).to(site.dtype), dim=1)
+        owner.register_parameter("lora_magnitude_vector", torch.nn.Parameter(norm.detach()))
 
 
 def _insert_branch(gm, node, path, spec):
@@ -72,19 +77,38 @@ def _insert_branch(gm, node, path, spec):
             new.meta["nn_module_stack"] = node.meta["nn_module_stack"]
         return new
 
-    with graph.inserting_after(node):
+    with graph.inserting_before(node.next):  # each new node lands after the previous one
         x = add("call_module", f"{path}.lora_dropout", (input_node(node),), "dropout")
-    with graph.inserting_after(x):
         a = add("get_attr", f"{path}.lora_A.weight", (), "A")
-    with graph.inserting_after(a):
         down = add("call_function", aten.linear.default, (x, a), "down")
-    with graph.inserting_after(down):
         b = add("get_attr", f"{path}.lora_B.weight", (), "B")
-    with graph.inserting_after(b):
         up = add("call_function", aten.linear.default, (down, b), "up")
-    with graph.inserting_after(up):
         scaled = add("call_function", aten.mul.Tensor, (up, spec.scale), "scale")
-    with graph.inserting_after(scaled):
+        if spec.use_dora:
+            scaled = _dora(add, node, x, a, b, scaled, path, spec)
         out = add("call_function", aten.add.Tensor, (node, scaled), "add")
     for user in users:
         user.replace_input_with(node, out)
+
+
+def _dora(add, node, x, a, b, scaled_lora, path, spec):
+    """DoRA's extra term, exactly as PEFT computes it: with m = magnitude / ‖W + s·B·A‖_row
+    (the norm detached, per the DoRA paper §4.3), the layer adds (m - 1)·(x·Wᵀ) + m·s·B·A·x.
+    x·Wᵀ is the base output minus bias when LoRA dropout is off (PEFT's path), else it is
+    recomputed on the dropped-out input, as PEFT does while training."""
+    call = lambda target, *args: add("call_function", target, args, "dora")  # noqa: E731
+    weight = weight_node(node)
+    if node.target == aten.addmm.default:  # Conv1D: W is stored (in, out)
+        weight = call(aten.t.default, weight)
+    lora_weight = call(aten.detach.default, call(aten.mm.default, b, a))
+    combined = call(aten.add.Tensor, weight, call(aten.mul.Tensor, lora_weight, spec.scale))
+    norm = call(aten.detach.default, call(aten.linalg_vector_norm.default, combined, 2, [1]))
+    magnitude = add("get_attr", f"{path}.lora_magnitude_vector", (), "magnitude")
+    factor = call(aten.div.Tensor, magnitude, norm)
+    if spec.dropout:
+        base = call(aten.linear.default, x, weight)
+    else:
+        bias = node.args[0] if node.target == aten.addmm.default else (node.args[2] if len(node.args) > 2 else None)
+        base = call(aten.sub.Tensor, node, bias) if bias is not None else node
+    rescaled_base = call(aten.mul.Tensor, base, call(aten.sub.Tensor, factor, 1))
+    return call(aten.add.Tensor, rescaled_base, call(aten.mul.Tensor, scaled_lora, factor))

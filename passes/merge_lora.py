@@ -2,15 +2,16 @@ from __future__ import annotations
 
 import torch
 
-from .common import LORA, PassResult, aten, fetch_attr, weight_node
+from .common import LORA, PassResult, aten, fetch_attr, weight_node, weight_value
 from .quantize_nf4 import STORAGE
 
 
 def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     """Fold scale·B·A into each base weight and remove the LoRA subgraph and its modules.
 
-    W ← W + scale·(B·A) (transposed for Conv1D), computed in float32 and cast back, so the
-    merged graph is the original architecture again: plain aten.linear/addmm nodes only.
+    W ← W + scale·(B·A), and with DoRA W ← m ⊙ (W + scale·B·A) / ‖W + scale·B·A‖_row (as PEFT
+    merges it), computed in float32 and cast back (transposed for Conv1D), so the merged graph
+    is the original architecture again: plain aten.linear/addmm nodes only.
     """
     branches: dict[str, dict[str, torch.fx.Node]] = {}
     for node in gm.graph.nodes:
@@ -20,19 +21,26 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     merged_nodes = removed = 0
     for path, roles in branches.items():
         owner = gm.get_submodule(path)
-        scale = roles["scale"].args[1]
-        delta = scale * (fetch_attr(gm, roles["B"].target).float() @ fetch_attr(gm, roles["A"].target).float())
         base = roles["add"].args[0]
+        scale = roles["scale"].args[1]
+        with torch.no_grad():
+            merged = weight_value(gm, base).float() + scale * (
+                fetch_attr(gm, roles["B"].target).float() @ fetch_attr(gm, roles["A"].target).float()
+            )
+            if "magnitude" in roles:
+                magnitude = fetch_attr(gm, roles["magnitude"].target).float()
+                merged = (magnitude / torch.linalg.vector_norm(merged, dim=1))[:, None] * merged
         if base.target == aten.addmm.default:  # Conv1D stores W as (in, out)
-            delta = delta.T
+            merged = merged.T
         weight = weight_node(base)
         if weight.op == "get_attr":
             with torch.no_grad():
-                owner.weight.copy_((owner.weight.float() + delta).to(owner.weight.dtype))
+                owner.weight.copy_(merged.to(owner.weight.dtype))
         else:
-            _unquantize(gm, owner, weight, delta)
-        for name in ("lora_A", "lora_B", "lora_dropout"):
-            delattr(owner, name)
+            _unquantize(gm, owner, weight, merged)
+        for name in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"):
+            if hasattr(owner, name):
+                delattr(owner, name)
     # Every LoRA branch (each call of a shared layer has one) ends in an `add` node.
     for node in list(gm.graph.nodes):
         if node.meta.get(LORA, (None, None))[1] == "add":
@@ -50,14 +58,11 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     return PassResult("merge_lora", {"modules": len(branches), "branches": merged_nodes, "nodes_removed": removed})
 
 
-def _unquantize(gm, owner, dequant: torch.fx.Node, delta: torch.Tensor) -> None:
-    """An NF4 base: the merged weight W + delta cannot be NF4 again without a second rounding,
-    so it becomes a plain parameter in the compute dtype, read by a get_attr."""
-    args = [fetch_attr(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in dequant.args]
-    weight = dequant.target(*args)
-    owner.register_parameter(
-        "weight", torch.nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
-    )
+def _unquantize(gm, owner, dequant: torch.fx.Node, merged: torch.Tensor) -> None:
+    """An NF4 base: the merged weight cannot be NF4 again without a second rounding, so it
+    becomes a plain parameter in the compute dtype (the dequant's output dtype), read by a get_attr."""
+    dtype = dequant.args[-1]
+    owner.register_parameter("weight", torch.nn.Parameter(merged.to(dtype), requires_grad=False))
     delattr(owner, STORAGE)
     with gm.graph.inserting_before(dequant):
         plain = gm.graph.get_attr(f"{dequant.args[0].target.rsplit('.', 2)[0]}.weight")

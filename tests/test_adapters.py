@@ -86,7 +86,7 @@ KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
         (lambda c: c.update(lora_alpha=32), None, "lora_alpha=32"),
         (lambda c: c.pop("target_modules"), None, "no 'target_modules' field"),
         (lambda c: c.update(peft_type="IA3"), None, "LORA adapters only"),
-        (lambda c: c.update(use_dora=True), None, "DoRA"),
+        (lambda c: c.update(use_dora=True), None, "use_dora=True but the model has"),
         (None, lambda t: t.pop(KEY), f"adapter lacks {KEY}"),
         (None, lambda t: t.update({KEY.replace("q_proj", "k_proj"): t[KEY].clone()}), "which this model has no LoRA layer"),
         (None, lambda t: t.update({KEY: torch.zeros(4, 5)}), r"has shape \(4, 5\), the model expects \(4, 32\)"),
