@@ -14,6 +14,10 @@ Layout (bitsandbytes' own):
   ``NESTED_BLOCKSIZE`` codes (``nested_absmax``) and ``offset = absmax.mean()``.
 
 All functions are vectorized over blocks; nothing loops in Python per block.
+
+On CUDA the op runs a Triton kernel instead (``nf4_dequant_triton``), built on
+``nf4_decode_tile``, the device function the fused matmul kernels
+(``lorafx.kernels.lora_matmul``) decode weight tiles with.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+
+from .triton_launch import MAX_INDEX, Resources, compiled_resources, launch
 
 NF4_CODE = torch.tensor(
     [
@@ -265,3 +273,156 @@ def nf4_dequant(
 def _(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dtype):
     check_nf4_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape)
     return packed.new_empty(shape, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Triton: the decode shared by the dequant kernel and the fused matmuls, and the dequant op on CUDA.
+
+_NESTED_BLOCKSIZE = tl.constexpr(NESTED_BLOCKSIZE)  # jit functions read only constexpr globals
+
+
+@triton.jit
+def nf4_decode_tile(
+    packed_ptr,
+    absmax_ptr,
+    quant_map_ptr,
+    nested_absmax_ptr,
+    nested_quant_map_ptr,
+    offset_ptr,
+    rows,
+    col0,
+    n_rows,
+    n_cols,
+    WIDTH: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+):
+    """``W[rows, col0 : col0 + WIDTH]`` of an NF4 weight W of shape (n_rows, n_cols), in float32.
+
+    W is read as bitsandbytes lays it out: flat row-major, two codes per byte (element 2i
+    in the high nibble), one scale per BLOCKSIZE flat elements. Loading a (rows, WIDTH/2)
+    tile of bytes and interleaving its two nibbles reads every byte once; it needs an even
+    ``col0`` and ``n_cols`` so that a byte never straddles two rows (the ops check n_cols).
+    Both nibbles of a byte share one scale (BLOCKSIZE is even), so scales are read per
+    byte. Elements outside W are not zeroed: callers mask them through the other operand
+    or the store. The arithmetic is the reference's, op for op (launch with
+    ``enable_fp_fusion=False`` for bit-identical results).
+    """
+    byte_cols = col0 // 2 + tl.arange(0, WIDTH // 2)
+    flat = rows[:, None] * n_cols + 2 * byte_cols[None, :]  # flat index of each byte's high nibble
+    inside = (rows[:, None] < n_rows) & (2 * byte_cols[None, :] < n_cols)
+    byte = tl.load(packed_ptr + flat // 2, mask=inside, other=0).to(tl.int32)
+    high = tl.load(quant_map_ptr + (byte >> 4))
+    low = tl.load(quant_map_ptr + (byte & 15))
+    block = flat // BLOCKSIZE
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // _NESTED_BLOCKSIZE, mask=inside, other=0.0)
+        scale = tl.load(nested_quant_map_ptr + code) * nested + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
+    return tl.interleave(high * scale, low * scale)
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    packed_ptr,
+    absmax_ptr,
+    quant_map_ptr,
+    nested_absmax_ptr,
+    nested_quant_map_ptr,
+    offset_ptr,
+    out_ptr,
+    numel,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
+    """One pass over memory: each program decodes WIDTH flat elements (the weight as one row)."""
+    col0 = tl.program_id(0) * WIDTH
+    values = nf4_decode_tile(
+        packed_ptr,
+        absmax_ptr,
+        quant_map_ptr,
+        nested_absmax_ptr,
+        nested_quant_map_ptr,
+        offset_ptr,
+        tl.zeros((1,), dtype=tl.int32),
+        col0,
+        1,
+        numel,
+        WIDTH,
+        BLOCKSIZE,
+        DOUBLE_QUANT,
+    )
+    cols = col0 + tl.arange(0, WIDTH)[None, :]
+    tl.store(out_ptr + cols, values.to(out_ptr.dtype.element_ty), mask=cols < numel)
+
+
+# Candidates: the kernel streams 0.5 B in and 2 B out per element, so WIDTH only has to give
+# each program enough bytes in flight; autotuning picks per weight size, GPU timings are owed
+# (bench/gpu_check.sh). Measured by compiling for sm_80/sm_90 (bench/bench_nf4_lora_linear.py
+# --resources): 30-38 registers, no spills, at most 8 KiB of shared memory for all three.
+_nf4_dequant = triton.autotune(
+    configs=[
+        triton.Config({"WIDTH": 1024}, num_warps=4),
+        triton.Config({"WIDTH": 2048}, num_warps=4),
+        triton.Config({"WIDTH": 4096}, num_warps=8),
+    ],
+    key=["numel", "BLOCKSIZE", "DOUBLE_QUANT"],
+)(_nf4_dequant_kernel)
+
+
+def dequant_resource_usage(config: triton.Config, arch: int = 90) -> Resources:
+    """Registers, spills and shared memory of one dequant config on sm_<arch> (bfloat16 out, double quant)."""
+    signature = dict.fromkeys(("quant_map_ptr", "nested_absmax_ptr", "nested_quant_map_ptr", "offset_ptr"), "*fp32")
+    signature.update(packed_ptr="*u8", absmax_ptr="*u8", out_ptr="*bf16", numel="i32")
+    return compiled_resources(_nf4_dequant_kernel, signature, dict(BLOCKSIZE=64, DOUBLE_QUANT=True), config, arch)
+
+
+def nf4_dequant_triton(
+    packed: Tensor,
+    absmax: Tensor,
+    quant_map: Tensor,
+    nested_absmax: Tensor | None,
+    nested_quant_map: Tensor | None,
+    offset: Tensor | None,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    config: triton.Config | None = None,
+) -> Tensor:
+    """The Triton dequantization (arguments already checked): bit-identical to ``dequantize_nf4``
+    on a GPU (Triton's CPU interpreter truncates float32 -> bfloat16 where GPUs round).
+
+    ``config`` pins one tile config instead of autotuning (tests use it).
+    """
+    numel = packed.numel() * 2
+    if numel > MAX_INDEX:
+        raise ValueError(f"shape={list(shape)} has {numel} elements; the Triton kernel supports at most {MAX_INDEX}")
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    double_quant = absmax.dtype == torch.uint8
+    launch(
+        _nf4_dequant,
+        lambda meta: (triton.cdiv(numel, meta["WIDTH"]),),
+        packed,
+        absmax,
+        quant_map,
+        nested_absmax,
+        nested_quant_map,
+        offset,
+        out,
+        numel,
+        BLOCKSIZE=blocksize,
+        DOUBLE_QUANT=double_quant,
+        enable_fp_fusion=False,
+        config=config,
+    )
+    return out
+
+
+@nf4_dequant.register_kernel("cuda")
+def _(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dtype):
+    check_nf4_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape)
+    nf4_args = (packed, absmax, quant_map, nested_absmax, nested_quant_map, offset)
+    return nf4_dequant_triton(*nf4_args, blocksize, shape, dtype)

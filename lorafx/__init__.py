@@ -5,6 +5,7 @@ from .api import LoraModel, count_parameters, print_trainable_parameters, transf
 from .capture import CaptureError
 from .combine import combine_adapters
 from .diagnose import diagnose
+from .export import export
 from .loading import CheckpointError, from_pretrained
 from .loraplus import loraplus_param_groups
 from .nf4 import NF4Weight, quantize_nf4
@@ -18,6 +19,7 @@ __all__ = [
     "combine_adapters",
     "count_parameters",
     "diagnose",
+    "export",
     "from_pretrained",
     "LoraModel",
     "loraplus_param_groups",

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from lorafx.passes import TRANSFORM_PASSES, PassResult, merge_lora, run_passes
+from lorafx.passes import FUSE_PASSES, TRANSFORM_PASSES, PassResult, merge_lora, run_passes, unfuse_nf4_lora
 from lorafx.passes.common import LINEAR, LORA, LinearSite
 
 from . import adapters
@@ -37,6 +37,9 @@ def transform(
     captured = capture(model, example_args, example_kwargs, dynamic_shapes)
     spec = spec.resolved(captured.output_head)
     results = run_passes(captured.graph_module, spec, TRANSFORM_PASSES)
+    if any(p.is_cuda for p in captured.graph_module.parameters()):
+        # The fused ops are Triton kernels on CUDA; on CPU the unfused aten graph is faster.
+        results += run_passes(captured.graph_module, spec, FUSE_PASSES)
     lm = LoraModel(captured, spec, model)
     lm.pass_results = results
     lm.train(model.training)
@@ -151,7 +154,10 @@ class LoraModel(torch.nn.Module):
         unmerged model and call merge() again when you need a deployable copy.
         """
         merged = copy.deepcopy(self)
-        merged.pass_results = [merge_lora(merged.graph_module, self.spec)]
+        merged.pass_results = [
+            unfuse_nf4_lora(merged.graph_module, self.spec),  # merge works on insert_lora's subgraph
+            merge_lora(merged.graph_module, self.spec),
+        ]
         return merged
 
 

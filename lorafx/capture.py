@@ -54,12 +54,7 @@ def capture(model: torch.nn.Module, example_args=(), example_kwargs=None, dynami
         )
     example_kwargs = example_kwargs or {}
     if dynamic_shapes is None:
-        dynamic_shapes = [
-            torch.utils._pytree.tree_map(
-                lambda x: {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None, value
-            )
-            for value in (*example_args, *example_kwargs.values())
-        ]
+        dynamic_shapes = auto_dynamic_shapes((*example_args, *example_kwargs.values()))
     was_training = model.training
     try:
         with _no_kv_cache(model):
@@ -78,6 +73,17 @@ def capture(model: torch.nn.Module, example_args=(), example_kwargs=None, dynami
     head = _output_head_path(model) if hf else None
     names = tuple(example_kwargs) if hf else None
     return Captured(graph_module=gm, input_names=names, output_head=head, hf_model=hf)
+
+
+def auto_dynamic_shapes(inputs) -> list:
+    """torch.export dynamic_shapes leaving every tensor dim of `inputs` to Dim.AUTO: symbolic
+    where the model's code allows, specialized where it does not."""
+    return [
+        torch.utils._pytree.tree_map(
+            lambda x: {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None, value
+        )
+        for value in inputs
+    ]
 
 
 def _hf_example(model):
