@@ -3,12 +3,14 @@
 from .adapters import AdapterError
 from .api import LoraModel, count_parameters, print_trainable_parameters, transform
 from .capture import CaptureError
+from .checkpoint import load_checkpoint, save_checkpoint
 from .combine import combine_adapters
 from .diagnose import diagnose
 from .export import export
 from .loading import CheckpointError, from_pretrained
 from .loraplus import loraplus_param_groups
 from .nf4 import NF4Weight, quantize_nf4
+from .optim import make_optimizer
 from .passes import NoTargetError
 from .spec import LoraSpec
 
@@ -21,12 +23,15 @@ __all__ = [
     "diagnose",
     "export",
     "from_pretrained",
+    "load_checkpoint",
     "LoraModel",
     "loraplus_param_groups",
     "LoraSpec",
+    "make_optimizer",
     "NF4Weight",
     "NoTargetError",
     "print_trainable_parameters",
     "quantize_nf4",
+    "save_checkpoint",
     "transform",
 ]

@@ -97,7 +97,8 @@ def read_config(directory) -> dict:
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"adapter folder {directory!r} does not exist")
+        what = "is a file, not a folder" if os.path.exists(directory) else "does not exist"
+        raise FileNotFoundError(f"adapter folder {directory!r} {what}")
     if not os.path.isfile(path):
         raise AdapterError(f"{path} is missing: not a PEFT adapter folder")
     try:

@@ -8,7 +8,15 @@ from typing import Iterator
 
 import torch
 
-from lorafx.passes import FUSE_PASSES, TRANSFORM_PASSES, PassResult, merge_lora, run_passes, unfuse_nf4_lora
+from lorafx.passes import (
+    TRANSFORM_PASSES,
+    PassResult,
+    graph_nodes,
+    inline_checkpointed_layers,
+    merge_lora,
+    run_passes,
+    unfuse_nf4_lora,
+)
 from lorafx.passes.common import LINEAR, LORA, LinearSite
 
 from . import adapters
@@ -37,9 +45,6 @@ def transform(
     captured = capture(model, example_args, example_kwargs, dynamic_shapes)
     spec = spec.resolved(captured.output_head)
     results = run_passes(captured.graph_module, spec, TRANSFORM_PASSES)
-    if any(p.is_cuda for p in captured.graph_module.parameters()):
-        # The fused ops are Triton kernels on CUDA; on CPU the unfused aten graph is faster.
-        results += run_passes(captured.graph_module, spec, FUSE_PASSES)
     lm = LoraModel(captured, spec, model)
     lm.pass_results = results
     lm.train(model.training)
@@ -76,6 +81,9 @@ class LoraModel(torch.nn.Module):
         if labels is not None:
             if self._loss_function is None:
                 raise TypeError(f"{type(self.config).__name__} model has no loss function for labels=")
+            if not isinstance(labels, torch.Tensor) or labels.shape != inputs["input_ids"].shape:
+                got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ValueError(f"labels has shape {got}; it must match input_ids {tuple(inputs['input_ids'].shape)}")
             loss = self._loss_function(logits=out["logits"], labels=labels, vocab_size=self.config.vocab_size)
             out = type(out)(loss=loss, **out)  # loss first, as the model itself returns it
         return out
@@ -98,8 +106,10 @@ class LoraModel(torch.nn.Module):
         ids = kwargs.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise ValueError("input_ids must be a 2-D tensor (batch, sequence)")
-        if ids.shape[1] == 0:
-            raise ValueError("input_ids has sequence length 0")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got {ids.dtype}")
+        if 0 in ids.shape:
+            raise ValueError(f"input_ids has shape {tuple(ids.shape)}: batch and sequence length must be >= 1")
         if "attention_mask" in self.input_names and "attention_mask" not in kwargs:
             kwargs["attention_mask"] = torch.ones_like(ids)
         if kwargs["attention_mask"].shape != ids.shape:
@@ -121,13 +131,13 @@ class LoraModel(torch.nn.Module):
     def linear_sites(self) -> dict[str, LinearSite]:
         """Every linear layer match_linears found, by module path."""
         return {
-            n.meta[LINEAR].path: n.meta[LINEAR] for n in self.graph_module.graph.nodes if LINEAR in n.meta
+            n.meta[LINEAR].path: n.meta[LINEAR] for n in graph_nodes(self.graph_module) if LINEAR in n.meta
         }
 
     def lora_paths(self) -> list[str]:
         """Module paths that carry a LoRA branch, in graph order."""
         seen = {}
-        for node in self.graph_module.graph.nodes:
+        for node in graph_nodes(self.graph_module):
             if LORA in node.meta:
                 seen.setdefault(node.meta[LORA][0], None)
         return list(seen)
@@ -154,8 +164,10 @@ class LoraModel(torch.nn.Module):
         unmerged model and call merge() again when you need a deployable copy.
         """
         merged = copy.deepcopy(self)
+        # merge_lora reads insert_lora's flat subgraph: undo checkpointing and fusion first.
         merged.pass_results = [
-            unfuse_nf4_lora(merged.graph_module, self.spec),  # merge works on insert_lora's subgraph
+            inline_checkpointed_layers(merged.graph_module, self.spec),
+            unfuse_nf4_lora(merged.graph_module, self.spec),
             merge_lora(merged.graph_module, self.spec),
         ]
         return merged

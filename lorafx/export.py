@@ -20,6 +20,7 @@ import torch
 from .api import LoraModel
 from .capture import auto_dynamic_shapes, hf_dynamic_shapes
 from .files import write_atomically
+from .passes import graph_nodes
 
 LORA_CHOICES = (None, "keep")
 QUANTIZE_CHOICES = (None, "keep")
@@ -123,7 +124,7 @@ def _check_graph(module: LoraModel, aot_inductor, lora, quantize) -> None:
         )
     ops = Counter(
         node.target.name()
-        for node in module.graph_module.graph.nodes
+        for node in graph_nodes(module.graph_module)
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "lorafx"
     )
     found = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))

@@ -23,6 +23,8 @@ def write_atomically(writers: dict[str, Callable[[str], None]]) -> None:
             os.close(fd)
             temps[path] = tmp
             write(tmp)
+            with open(tmp, "rb+") as f:  # on disk before the rename, so a power loss cannot expose a torn file
+                os.fsync(f.fileno())
         for path, tmp in temps.items():
             os.replace(tmp, path)
     finally:

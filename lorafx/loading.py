@@ -160,7 +160,12 @@ def _stream(gm, directory, spec, sites, dtype, progress):
                     else:
                         tensor = f.get_tensor(key).to(dtype)
                         _check_shape(key, tuple(tensor.shape), site, transposed=site.fan_in_fan_out)
-                        weight = quantize_nf4(tensor.T if site.fan_in_fan_out else tensor, spec.blocksize, spec.double_quant)
+                        try:
+                            weight = quantize_nf4(
+                                tensor.T if site.fan_in_fan_out else tensor, spec.blocksize, spec.double_quant
+                            )
+                        except ValueError as e:
+                            raise CheckpointError(f"{key}: {e}") from e
                         del tensor
                     _check_shape(key, tuple(weight.shape), site, transposed=False)
                     install_nf4(gm.get_submodule(site.path), weight)

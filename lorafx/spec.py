@@ -16,6 +16,7 @@ import torch
 INITS = ("kaiming", "gaussian")
 QUANTIZE = (None, "nf4")
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+CHECKPOINT = (None, "layer")
 BIASES = ("none",)
 ALL_LINEAR = "all-linear"
 
@@ -42,6 +43,7 @@ class LoraSpec:
     quantize_skip: selector form; None means the output head, as bitsandbytes skips it.
     compute_dtype: dtype the NF4 weights dequantize to and the linear runs in; None means
         bfloat16 on CUDA and the weight's own dtype elsewhere. LoRA weights use it too.
+    checkpoint: "layer" recomputes each decoder layer in the backward (activation checkpointing).
     """
 
     r: int = 8
@@ -58,6 +60,7 @@ class LoraSpec:
     double_quant: bool = True
     compute_dtype: torch.dtype | None = None
     quantize_skip: str | Sequence[str] | None = None
+    checkpoint: str | None = None
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -96,6 +99,8 @@ class LoraSpec:
             _fail("compute_dtype", self.compute_dtype, "None, torch.float32, torch.bfloat16 or torch.float16")
         if self.quantize_skip is not None:
             object.__setattr__(self, "quantize_skip", _check_selector("quantize_skip", self.quantize_skip))
+        if self.checkpoint not in CHECKPOINT:
+            _fail("checkpoint", self.checkpoint, "None or 'layer'")
 
     @property
     def scale(self) -> float:

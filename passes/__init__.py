@@ -1,6 +1,7 @@
 """Graph passes. Each is `pass(gm, spec) -> PassResult`; TRANSFORM_PASSES is the whole story
 of `lorafx.transform`, read top to bottom."""
 
+from .checkpoint_layers import checkpoint_layers, graph_nodes, inline_checkpointed_layers
 from .common import PassResult
 from .dropout_follows_mode import dropout_follows_mode
 from .fuse_nf4_lora import fuse_nf4_lora, unfuse_nf4_lora
@@ -9,31 +10,47 @@ from .match_linears import match_linears
 from .merge_lora import merge_lora
 from .quantize_nf4 import quantize_nf4
 
-TRANSFORM_PASSES = [
-    dropout_follows_mode,  # baked dropouts → modules that obey .train()/.eval()
-    match_linears,  # tag linear / Conv1D nodes with their module path
-    quantize_nf4,  # QLoRA: frozen weights → NF4 storage + lorafx::nf4_dequant
-    insert_lora,  # add the LoRA branch to the layers the spec selects
-]
-
-# Fusion: one lorafx op per layer. transform runs it when the model is on CUDA; the compile
+# Fusion: one lorafx op per layer. transform runs it on CUDA (fuse_on_cuda); the compile
 # backend runs it on Dynamo's graph. merge() undoes it first (unfuse_nf4_lora).
 FUSE_PASSES = [
     fuse_nf4_lora,  # (nf4_dequant →) linear + LoRA branch → lorafx::nf4_lora_linear / lorafx::lora_linear
 ]
 
 
-def run_passes(gm, spec, passes=TRANSFORM_PASSES) -> list[PassResult]:
+def run_passes(gm, spec, passes) -> list[PassResult]:
     return [p(gm, spec) for p in passes]
 
+
+def fuse_on_cuda(gm, spec) -> PassResult:
+    """FUSE_PASSES when the graph's parameters are on CUDA, where the fused ops are Triton
+    kernels; on CPU the unfused aten graph is faster than the ops' reference path."""
+    counts: dict[str, int] = {}
+    if any(p.is_cuda for p in gm.parameters()):
+        for result in run_passes(gm, spec, FUSE_PASSES):
+            counts.update({f"{result.name}.{k}": v for k, v in result.counts.items()})
+    return PassResult("fuse_on_cuda", counts)
+
+
+TRANSFORM_PASSES = [
+    dropout_follows_mode,  # baked dropouts → modules that obey .train()/.eval()
+    match_linears,  # tag linear / Conv1D nodes with their module path
+    quantize_nf4,  # QLoRA: frozen weights → NF4 storage + lorafx::nf4_dequant
+    insert_lora,  # add the LoRA branch to the layers the spec selects
+    fuse_on_cuda,  # CUDA only: base + LoRA (+ dequant) → one fused op (before checkpointing: it reads the flat graph)
+    checkpoint_layers,  # checkpoint="layer": each decoder layer recomputed in the backward
+]
 
 __all__ = [
     "FUSE_PASSES",
     "TRANSFORM_PASSES",
     "NoTargetError",
     "PassResult",
+    "checkpoint_layers",
     "dropout_follows_mode",
     "fuse_nf4_lora",
+    "fuse_on_cuda",
+    "graph_nodes",
+    "inline_checkpointed_layers",
     "insert_lora",
     "match_linears",
     "merge_lora",

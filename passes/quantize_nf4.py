@@ -71,7 +71,11 @@ def quantize_nf4(gm: torch.fx.GraphModule, spec) -> PassResult:
         owner = gm.get_submodule(site.path)
         if not hasattr(owner, STORAGE):
             weight = owner.weight.detach()
-            install_nf4(owner, quantize_tensor(weight.T if site.fan_in_fan_out else weight, spec.blocksize, spec.double_quant))
+            try:
+                nf4 = quantize_tensor(weight.T if site.fan_in_fan_out else weight, spec.blocksize, spec.double_quant)
+            except ValueError as e:
+                raise ValueError(f"{site.path}.weight: {e}") from e
+            install_nf4(owner, nf4)
             counts["quantized"] += 1
         else:
             counts["loaded"] += 1

@@ -23,6 +23,14 @@ from lorafx import LoraSpec
         ("use_rslora", "yes", "True or False"),
         ("init", "pissa", "'kaiming' or 'gaussian'"),
         ("bias", "all", "'none'"),
+        ("quantize", "int4", "None or 'nf4'"),
+        ("blocksize", 48, "power of two"),
+        ("blocksize", 8192, "power of two"),
+        ("double_quant", 1, "True or False"),
+        ("compute_dtype", "bf16", "torch.bfloat16"),
+        ("quantize_skip", 5, "regex string"),
+        ("use_dora", "yes", "True or False"),
+        ("checkpoint", "block", "None or 'layer'"),
     ],
 )
 def test_invalid_field_names_field_value_and_allowed(field, value, allowed):
