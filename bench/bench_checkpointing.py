@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from lorafx.memory import reset_peak, status_kib
+
 PROVIDERS = ["lorafx", "lorafx+ckpt", "lorafx-nf4", "lorafx-nf4+ckpt", "peft", "peft+ckpt"]
 BASELINE = {"lorafx+ckpt": "lorafx", "lorafx-nf4+ckpt": "lorafx-nf4", "peft+ckpt": "peft"}
 
@@ -64,11 +66,6 @@ def wrap(provider: str, model, r: int):
     return pm, [p for p in pm.parameters() if p.requires_grad]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def measure(provider: str, args) -> dict:
     model, params = wrap(provider, build_model(args.layers, args.vocab), args.r)
     model.train()
@@ -83,15 +80,14 @@ def measure(provider: str, args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up: optimizer state exists from here on, as in a long run
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    rss_before = _status_kib("VmRSS")
+    reset_peak()
+    rss_before = status_kib("VmRSS")
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "peak_mib": (_status_kib("VmHWM") - rss_before) / 1024}
+    return {"step_s": statistics.median(times), "peak_mib": (status_kib("VmHWM") - rss_before) / 1024}
 
 
 def main():

@@ -27,18 +27,14 @@ import time
 PROVIDERS = ("lorafx streaming", "lorafx after full load", "transformers+bitsandbytes")
 
 
-def _kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def child(provider: str, folder: str) -> dict:
     import torch
     import transformers
 
     import lorafx
+    from lorafx.memory import status_kib
 
-    base = _kib("VmRSS")
+    base = status_kib("VmRSS")
     spec = lorafx.LoraSpec(r=16, alpha=32, quantize="nf4")
     start = time.perf_counter()
     if provider == "lorafx streaming":
@@ -52,7 +48,7 @@ def child(provider: str, folder: str) -> dict:
     seconds = time.perf_counter() - start
     tensors = list(model.parameters()) + list(model.buffers())
     size = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-    return {"peak_mib": (_kib("VmHWM") - base) / 1024, "model_mib": size / 2**20, "seconds": seconds}
+    return {"peak_mib": (status_kib("VmHWM") - base) / 1024, "model_mib": size / 2**20, "seconds": seconds}
 
 
 def save_checkpoint(folder, layers, hidden):

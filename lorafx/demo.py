@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import api
 from .export import export
+from .memory import STATUS, status_kib
 from .spec import LoraSpec
 
 MODELS = ("minilm", "tiny-llama")
@@ -260,10 +261,7 @@ def nf4_mib(lm: api.LoraModel) -> float:
 
 def rss_mib() -> float | None:
     """Resident memory of this process (Linux /proc), None elsewhere."""
-    if not os.path.exists("/proc/self/status"):
-        return None
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    return status_kib("VmRSS") / 1024 if os.path.exists(STATUS) else None
 
 
 def plot_losses(losses: list[float], path: str) -> str | None:

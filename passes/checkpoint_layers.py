@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 import torch.utils.checkpoint
 
-from .common import PassResult
+from .common import PassResult, free_submodule_name
 
 WRAPPER = "checkpointed"  # the CheckpointedLayer of "model.layers.3" is "model.layers.3.checkpointed"
 
@@ -116,9 +116,7 @@ def _wrap(gm: torch.fx.GraphModule, path: str, nodes: list[torch.fx.Node]) -> No
     for node in nodes:
         env[node] = body.node_copy(node, env.__getitem__)
     body.output(tuple(env[n] for n in outputs))
-    name, i = f"{path}.{WRAPPER}", 1
-    while _has_submodule(gm, name):  # the second call of a shared layer
-        name, i = f"{path}.{WRAPPER}{i}", i + 1
+    name = free_submodule_name(gm, f"{path}.{WRAPPER}")  # numbered for a shared layer's second call
     # root=gm: the body's call_module targets (dropouts) resolve to gm's own module objects.
     gm.add_submodule(name, CheckpointedLayer(torch.fx.GraphModule(gm, body)))
 
@@ -135,13 +133,6 @@ def _wrap(gm: torch.fx.GraphModule, path: str, nodes: list[torch.fx.Node]) -> No
     for node in reversed(nodes):
         graph.erase_node(node)
 
-
-def _has_submodule(gm: torch.nn.Module, target: str) -> bool:
-    try:
-        gm.get_submodule(target)
-    except AttributeError:
-        return False
-    return True
 
 
 def graph_nodes(gm: torch.fx.GraphModule) -> Iterator[torch.fx.Node]:

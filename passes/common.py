@@ -60,3 +60,14 @@ def weight_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
     else:
         value = weight.target(*[fetch_attr(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in weight.args])
     return value.T if node.target == aten.addmm.default else value
+
+
+def free_submodule_name(gm: torch.nn.Module, name: str) -> str:
+    """`name`, or `name1`, `name2`, ... : the first that is not a submodule of `gm` yet."""
+    candidate, i = name, 1
+    while True:
+        try:
+            gm.get_submodule(candidate)
+        except AttributeError:
+            return candidate
+        candidate, i = f"{name}{i}", i + 1

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import PassResult, aten
+from .common import PassResult, aten, free_submodule_name
 
 
 class AttentionDropout(torch.nn.Module):
@@ -46,7 +46,7 @@ def dropout_follows_mode(gm: torch.fx.GraphModule, spec=None) -> PassResult:
             continue
         stack = node.meta.get("nn_module_stack") or {}
         owner = list(stack.values())[-1][0] if stack else ""
-        name = _free_name(gm, f"{owner}.{kind}_in_training" if owner else f"{kind}_in_training")
+        name = free_submodule_name(gm, f"{owner}.{kind}_in_training" if owner else f"{kind}_in_training")
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, args, kwargs)
@@ -57,17 +57,3 @@ def dropout_follows_mode(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     gm.recompile()
     return PassResult("dropout_follows_mode", counts)
 
-
-def _free_name(gm: torch.nn.Module, name: str) -> str:
-    candidate, i = name, 1
-    while _exists(gm, candidate):
-        candidate, i = f"{name}{i}", i + 1
-    return candidate
-
-
-def _exists(gm: torch.nn.Module, target: str) -> bool:
-    try:
-        gm.get_submodule(target)
-    except AttributeError:
-        return False
-    return True

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 import lorafx
+from lorafx.memory import reset_peak, status_kib
 from lorafx import cost
 
 MEASURED = dict(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -116,11 +117,6 @@ def test_estimate_matches_measured_cpu_peak(method):
     assert steady == pytest.approx(measured["steady"], rel=0.1, abs=8e6)
 
 
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def _measure(method: str) -> dict:
     """Peak and between-steps RSS of 3 AdamW steps, over the RSS before the model existed."""
 
@@ -146,14 +142,13 @@ def _measure(method: str) -> dict:
     warm = build()  # first use loads kernels, thread pools, capture machinery: not the model's memory
     train(*warm, 1)
     del warm  # its tensors are unmapped (see MALLOC_MMAP_THRESHOLD_ above)
-    before = _kib("VmRSS")
+    before = status_kib("VmRSS")
     model, params = build()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
+    reset_peak()  # VmHWM := VmRSS
     opt = train(model, params, 3)
-    steady = _kib("VmRSS") - before
+    steady = status_kib("VmRSS") - before
     assert opt.state  # keeps the AdamW state alive for the steady-state reading
-    return {"peak": (_kib("VmHWM") - before) * 1024, "steady": steady * 1024}
+    return {"peak": (status_kib("VmHWM") - before) * 1024, "steady": steady * 1024}
 
 
 if __name__ == "__main__":
