@@ -27,11 +27,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-from lorafx.memory import reset_peak, status_kib
+from training_step import measure_steps
 
 PROVIDERS = ["lorafx", "lorafx+ckpt", "lorafx-nf4", "lorafx-nf4+ckpt", "peft", "peft+ckpt"]
 BASELINE = {"lorafx+ckpt": "lorafx", "lorafx-nf4+ckpt": "lorafx-nf4", "peft+ckpt": "peft"}
@@ -68,26 +67,7 @@ def wrap(provider: str, model, r: int):
 
 def measure(provider: str, args) -> dict:
     model, params = wrap(provider, build_model(args.layers, args.vocab), args.r)
-    model.train()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-
-    def step():
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # warm-up: optimizer state exists from here on, as in a long run
-    reset_peak()
-    rss_before = status_kib("VmRSS")
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "peak_mib": (status_kib("VmHWM") - rss_before) / 1024}
+    return measure_steps(model, params, args.vocab, args.batch, args.seq, args.steps)
 
 
 def main():

@@ -20,11 +20,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-from lorafx.memory import reset_peak, status_kib
+from training_step import measure_steps
 
 
 def build_model():
@@ -51,28 +50,8 @@ def wrap(provider: str, model, r: int):
 
 
 def measure(provider: str, steps: int, batch: int, seq: int, r: int) -> dict:
-    torch.set_num_threads(torch.get_num_threads())
     model, params = wrap(provider, build_model(), r)
-    model.train()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-
-    def step():
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # warm-up: optimizer state exists from here on, as in a long run
-    reset_peak()
-    rss_before = status_kib("VmRSS")
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "peak_mib": (status_kib("VmHWM") - rss_before) / 1024}
+    return measure_steps(model, params, 32000, batch, seq, steps)
 
 
 def main():
