@@ -30,6 +30,18 @@ def tiny_model(arch: str, seed: int = 0, dropout: bool = False) -> torch.nn.Modu
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
+class MLP(torch.nn.Module):
+    """A plain (non-HF) module: two nn.Linear layers."""
+
+    def __init__(self, d_in=8, hidden=16, d_out=4):
+        super().__init__()
+        self.up = torch.nn.Linear(d_in, hidden)
+        self.down = torch.nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
 def token_batch(batch=2, seq=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)

@@ -6,7 +6,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import MLP, tiny_model, token_batch
 
 import lorafx
 
@@ -127,15 +127,6 @@ def test_targets_matching_nothing_lists_linear_layers():
 
 
 def test_plain_module_with_example_inputs():
-    class MLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up = torch.nn.Linear(8, 16)
-            self.down = torch.nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.down(torch.relu(self.up(x)))
-
     torch.manual_seed(0)
     mlp = MLP()
     x = torch.randn(3, 8)

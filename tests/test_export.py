@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import safetensors.torch
 import torch
-from conftest import token_batch
+from conftest import MLP, token_batch
 from test_backend import one_layer_model, with_random_lora
 
 import lorafx
@@ -110,15 +110,6 @@ def test_nf4_keep_exports_the_trained_qlora_model(tmp_path):
 
 
 def test_plain_module_with_dynamic_batch(tmp_path):
-    class MLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up = torch.nn.Linear(8, 16)
-            self.down = torch.nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.down(torch.relu(self.up(x)))
-
     torch.manual_seed(0)
     x = torch.randn(3, 8)
     merged = with_random_lora(lorafx.transform(MLP(), SPEC, example_args=(x,))).merge()

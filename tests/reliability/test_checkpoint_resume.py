@@ -12,6 +12,7 @@ import numpy
 import pytest
 import safetensors.torch
 import torch
+from conftest import MLP
 
 import lorafx
 
@@ -63,19 +64,9 @@ def test_same_seed_same_adapter_in_another_process(runs, tmp_path):
     assert all(t.abs().sum() > 0 for k, t in trained.items() if "lora_B" in k)  # it did train
 
 
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = torch.nn.Linear(64, 128)
-        self.down = torch.nn.Linear(128, 64)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-
 def mlp_lora(seed=0):
     torch.manual_seed(seed)
-    return lorafx.transform(MLP(), lorafx.LoraSpec(r=4, alpha=8, dropout=0.1), example_args=(torch.randn(3, 64),))
+    return lorafx.transform(MLP(64, 128, 64), lorafx.LoraSpec(r=4, alpha=8, dropout=0.1), example_args=(torch.randn(3, 64),))
 
 
 def train_steps(lm, opt, steps, data):
