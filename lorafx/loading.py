@@ -64,7 +64,7 @@ def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None,
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with _parameters_on_meta():
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = _build_model(config)
     _placeholders(model, dtype)
     model.eval()
     captured = capture(model)
@@ -77,6 +77,15 @@ def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None,
     lm = api.LoraModel(captured, spec, model)
     lm.pass_results = results
     return lm.train(False)
+
+
+def _build_model(config):
+    """The class config.json names (BertForSequenceClassification, ...), else a causal LM."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def _read_config(directory):

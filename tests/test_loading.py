@@ -119,3 +119,19 @@ def test_corrupt_quant_state_is_named(tmp_path):
 def _saved(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "fp")
     return tmp_path / "fp"
+
+
+def test_encoder_checkpoint_loads_as_its_own_class(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=32, num_labels=3)
+    bert = transformers.BertForSequenceClassification(config).eval()
+    bert.save_pretrained(tmp_path)
+    spec = lorafx.LoraSpec(r=2, quantize="nf4")
+    ids = token_batch()
+    lm = lorafx.from_pretrained(tmp_path, spec, progress=False).eval()
+    assert lm.model_class == "BertForSequenceClassification"
+    expected = lorafx.transform(bert, spec).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, expected(ids).logits, rtol=0, atol=0)
+    assert lm(ids).logits.shape == (2, 3)
