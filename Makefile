@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorafx-installed
+TEST_STAMP := $(VENV)/.lorafx-test-installed
 
 .PHONY: demo test
 
@@ -18,5 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lorafx demo
 
-test: $(STAMP)
+# torchao only for the tests (its low-bit optimizer path): once installed, every transformers
+# import prints warnings about its CUDA-only .so files, which the demo does not need to show.
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q torchao==0.18.0
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(VENV)/bin/pytest -q tests
