@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from . import api
 from .export import export
 from .memory import STATUS, status_kib
+from .passes.quantize_nf4 import STORAGE
 from .spec import LoraSpec
 
 MODELS = ("minilm", "tiny-llama")
@@ -256,7 +257,7 @@ def tiny_llama_job(seed: int = 0, seq: int = 64, batch: int = 8) -> Job:
 
 # -- reporting ----------------------------------------------------------------------------
 def nf4_mib(lm: api.LoraModel) -> float:
-    return sum(b.numel() * b.element_size() for n, b in lm.named_buffers() if ".weight_nf4." in n) / 2**20
+    return sum(b.numel() * b.element_size() for n, b in lm.named_buffers() if f".{STORAGE}." in n) / 2**20
 
 
 def rss_mib() -> float | None:

@@ -29,7 +29,7 @@ from lorafx.kernels.nf4 import (
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
-_TENSOR_FIELDS = ("packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+TENSOR_FIELDS = ("packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -73,7 +73,7 @@ class NF4Weight:
         return self.absmax.dtype == torch.uint8
 
     def _tensors(self) -> dict[str, Tensor]:
-        return {f: getattr(self, f) for f in _TENSOR_FIELDS if getattr(self, f) is not None}
+        return {f: getattr(self, f) for f in TENSOR_FIELDS if getattr(self, f) is not None}
 
     def dequantize(self) -> Tensor:
         """The weight in its original shape and dtype (through the ``lorafx::nf4_dequant`` op)."""

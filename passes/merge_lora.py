@@ -51,7 +51,7 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
             gm.graph.erase_node(node)
             removed += 1
     for node in reversed(list(gm.graph.nodes)):
-        if node.op == "get_attr" and not node.users and ".weight_nf4." in node.target:
+        if node.op == "get_attr" and not node.users and f".{STORAGE}." in node.target:
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()

@@ -4,12 +4,11 @@ import dataclasses
 
 import torch
 
-from lorafx.nf4 import NF4Weight, quantize_nf4 as quantize_tensor
+from lorafx.nf4 import TENSOR_FIELDS, NF4Weight, quantize_nf4 as quantize_tensor
 
 from .common import LINEAR, PassResult, aten, input_node, weight_node
 
 STORAGE = "weight_nf4"  # owner.<STORAGE> holds the NF4 tensors in place of owner.weight
-NF4_TENSORS = ("packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
 
 
 class NF4Storage(torch.nn.Module):
@@ -17,13 +16,13 @@ class NF4Storage(torch.nn.Module):
 
     def __init__(self, weight: NF4Weight):
         super().__init__()
-        for name in NF4_TENSORS:
+        for name in TENSOR_FIELDS:
             self.register_buffer(name, getattr(weight, name))
         self.blocksize, self.shape, self.dtype = weight.blocksize, tuple(weight.shape), weight.dtype
 
     def nf4_weight(self) -> NF4Weight:
         return NF4Weight(
-            **{name: getattr(self, name) for name in NF4_TENSORS},
+            **{name: getattr(self, name) for name in TENSOR_FIELDS},
             blocksize=self.blocksize,
             shape=self.shape,
             dtype=self.dtype,
@@ -88,7 +87,7 @@ def quantize_nf4(gm: torch.fx.GraphModule, spec) -> PassResult:
         with graph.inserting_before(node):
             buffers = [
                 graph.get_attr(f"{site.path}.{STORAGE}.{name}") if getattr(storage, name) is not None else None
-                for name in NF4_TENSORS
+                for name in TENSOR_FIELDS
             ]
             deq = graph.call_function(
                 torch.ops.lorafx.nf4_dequant.default,
