@@ -9,6 +9,7 @@
 # 3. bench.txt     bench/bench_nf4_lora_linear.py on Llama shapes (bench.json: the same rows),
 #                  ending with the config autotuning chose per shape (the config comments'
 #                  owed measurements)
+# 4. bench_multi_adapter.txt  mixed-adapter batches (Triton multi_lora) vs looping, vs PEFT
 # Without CUDA it degrades to a smoke check of the script itself: the gpu tests skip and the
 # bench runs --small on CPU. Exit status 1 if any step failed; a summary goes to stdout.
 # Budget: about 2 minutes of tests and 5 of bench on an H100 (autotuning compiles ~6 configs
@@ -38,12 +39,17 @@ else
     bench_args=(--small --json "$OUT/bench.json")
 fi
 
-tests=(tests/kernels/test_nf4_lora_linear.py tests/kernels/test_lora_linear.py tests/passes/test_fuse_nf4_lora.py)
+tests=(tests/kernels/test_nf4_lora_linear.py tests/kernels/test_lora_linear.py tests/passes/test_fuse_nf4_lora.py
+       tests/kernels/test_multi_lora.py)
 timeout 600 "$PYTEST" -q -p no:logging -rs -m gpu "${tests[@]}" >"$OUT/gpu_tests.txt" 2>&1 || status=1
 echo "gpu tests: $(tail -n 1 "$OUT/gpu_tests.txt")"
 
 timeout 900 "$PYTHON" bench/bench_nf4_lora_linear.py "${bench_args[@]}" >"$OUT/bench.txt" 2>&1 || status=1
 echo "bench: $(grep -c '^| ' "$OUT/bench.txt") table lines in $OUT/bench.txt"
+
+small=(); [ "${bench_args[0]}" = --small ] && small=(--small)
+timeout 300 "$PYTHON" bench/bench_multi_adapter.py "${small[@]}" >"$OUT/bench_multi_adapter.txt" 2>&1 || status=1
+echo "bench_multi_adapter: $(grep -c '^| ' "$OUT/bench_multi_adapter.txt") table lines"
 
 [ "$status" = 0 ] && echo "gpu_check: OK ($OUT)" || echo "gpu_check: FAILED, see $OUT"
 exit "$status"

@@ -7,12 +7,14 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .combine import combine_adapters
 from .diagnose import diagnose
 from .export import export
+from .ia3 import IA3Spec
 from .loading import CheckpointError, from_pretrained
 from .loraplus import loraplus_param_groups
 from .nf4 import NF4Weight, quantize_nf4
 from .optim import make_optimizer
 from .passes import NoTargetError
 from .spec import LoraSpec
+from .vera import VeraSpec
 
 __all__ = [
     "AdapterError",
@@ -23,6 +25,7 @@ __all__ = [
     "diagnose",
     "export",
     "from_pretrained",
+    "IA3Spec",
     "load_checkpoint",
     "LoraModel",
     "loraplus_param_groups",
@@ -34,4 +37,5 @@ __all__ = [
     "quantize_nf4",
     "save_checkpoint",
     "transform",
+    "VeraSpec",
 ]

@@ -53,14 +53,14 @@ def peft_config(lm) -> dict:
         "bias": spec.bias,
         "use_rslora": spec.use_rslora,
         "modules_to_save": None,
-        "init_lora_weights": True if spec.init == "kaiming" else "gaussian",
+        "init_lora_weights": spec.peft_init_lora_weights,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "megatron_config": None,
         "megatron_core": "megatron.core",
-        "loftq_config": {},
+        "loftq_config": {"loftq_bits": 4, "loftq_iter": spec.loftq_iter} if spec.init == "loftq" else {},
         "use_dora": spec.use_dora,
         "layer_replication": None,
         "lora_bias": False,
@@ -80,9 +80,28 @@ def _target_modules(lora_paths: list[str], linear_paths: list[str]) -> list[str]
 
 
 def save_adapter(lm, directory) -> None:
+    variant = _variant(lm.spec)
+    if variant is not None:
+        return variant.save_adapter(lm, directory)
+    write_adapter(directory, adapter_tensors(lm), peft_config(lm))
+
+
+def adapter_tensors(lm) -> dict[str, torch.Tensor]:
+    """lm.named_lora_parameters() under PEFT's keys, on the CPU."""
+    return {KEY_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in lm.named_lora_parameters()}
+
+
+def _variant(spec):
+    """The module with the adapter format of a non-LoRA spec (lorafx.ia3, lorafx.vera), None for a LoraSpec."""
+    from . import ia3, vera  # they import this module
+
+    return next((m for m, cls in ((ia3, ia3.IA3Spec), (vera, vera.VeraSpec)) if isinstance(spec, cls)), None)
+
+
+def write_adapter(directory, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Both files of a PEFT adapter folder, atomically."""
     directory = os.fspath(directory)
-    tensors = {KEY_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in lm.named_lora_parameters()}
-    config = json.dumps(peft_config(lm), indent=2, sort_keys=True)
+    config = json.dumps(config, indent=2, sort_keys=True)
     write_atomically(
         {
             os.path.join(directory, WEIGHTS_NAME): lambda tmp: safetensors.torch.save_file(
@@ -93,7 +112,8 @@ def save_adapter(lm, directory) -> None:
     )
 
 
-def read_config(directory) -> dict:
+def read_config(directory, check=None) -> dict:
+    """adapter_config.json, checked by `check(config, path)` (default: check_config, a LoraConfig)."""
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
@@ -106,7 +126,7 @@ def read_config(directory) -> dict:
             config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{path} is not valid JSON: {e}") from e
-    return check_config(config, path)
+    return (check or check_config)(config, path)
 
 
 def check_config(config, path: str) -> dict:
@@ -114,7 +134,10 @@ def check_config(config, path: str) -> dict:
     if not isinstance(config, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: peft_type={config['peft_type']!r}, lorafx loads LORA adapters only")
+        from .ia3 import wrong_type_hint  # ia3 imports this module
+
+        hint = wrong_type_hint(config)
+        raise AdapterError(f"{path}: peft_type={config['peft_type']!r}, here lorafx reads LORA adapters only{hint}")
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in config:
             raise AdapterError(f"{path} has no {field!r} field")
@@ -139,6 +162,9 @@ def read_tensors(directory: str) -> dict[str, torch.Tensor]:
 def load_adapter(lm, directory) -> None:
     """Check everything first (config, key set, shapes), then copy: no partial loads."""
     directory = os.fspath(directory)
+    variant = _variant(lm.spec)
+    if variant is not None:
+        return variant.load_adapter(lm, directory)
     config = read_config(directory)
     spec = lm.spec
     if config["r"] != spec.r:
@@ -150,7 +176,11 @@ def load_adapter(lm, directory) -> None:
             f"alpha={spec.alpha}, use_rslora={spec.use_rslora}, use_dora={spec.use_dora}; "
             f"transform with LoraSpec.from_peft_config({directory!r})"
         )
-    tensors = read_tensors(directory)
+    load_tensors(lm, read_tensors(directory))
+
+
+def load_tensors(lm, tensors: dict[str, torch.Tensor]) -> None:
+    """PEFT-keyed tensors into lm.named_lora_parameters(): key set and every shape checked before any copy."""
     loaded = {}
     for key, value in tensors.items():
         if not key.startswith(KEY_PREFIX):

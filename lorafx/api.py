@@ -2,33 +2,63 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import os
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
 from lorafx.passes import (
+    IA3_TRANSFORM_PASSES,
     TRANSFORM_PASSES,
+    VERA_TRANSFORM_PASSES,
     PassResult,
     graph_nodes,
     inline_checkpointed_layers,
+    merge_ia3,
     merge_lora,
+    merge_vera,
     run_passes,
+    strip_ia3,
+    strip_vera,
     unfuse_nf4_lora,
 )
 from lorafx.passes.common import LINEAR, LORA, LinearSite
 
-from . import adapters
+from lorafx.passes.adapter_bank import strip_lora, unbank
+
+from . import adapters, multi_adapter
 from .capture import Captured, capture
+from .ia3 import IA3Spec
 from .spec import LoraSpec
+from .vera import VeraSpec
 
 GRAPH_PREFIX = "graph_module."
 
 
+class Variant(NamedTuple):
+    """The passes of an adapter type other than LoRA (its adapter files: lorafx/adapters.py dispatches)."""
+
+    passes: list  # what transform runs
+    merge: Callable  # what merge() runs on its copy
+    strip: Callable  # removes the adapter, folding nothing: disable_adapters()'s base graph
+
+
+VARIANTS = {
+    IA3Spec: Variant(IA3_TRANSFORM_PASSES, merge_ia3, strip_ia3),
+    VeraSpec: Variant(VERA_TRANSFORM_PASSES, merge_vera, strip_vera),
+}
+
+
+def _variant(spec) -> Variant | None:
+    return next((v for cls, v in VARIANTS.items() if isinstance(spec, cls)), None)
+
+
 def transform(
     model: torch.nn.Module,
-    spec: LoraSpec,
+    spec: LoraSpec | IA3Spec | VeraSpec,
     example_args=(),
     example_kwargs=None,
     dynamic_shapes=None,
@@ -37,14 +67,16 @@ def transform(
 
     Hugging Face models need no example inputs (one is made from the config, with dynamic
     batch and sequence length). Base parameters are frozen in place, as PEFT does.
+    An IA3Spec or VeraSpec gives (IA)³ or VeRA instead of LoRA (VARIANTS).
     """
-    if not isinstance(spec, LoraSpec):
-        raise TypeError(f"spec must be a lorafx.LoraSpec, got {type(spec).__name__}")
+    if not isinstance(spec, (LoraSpec, *VARIANTS)):
+        raise TypeError(f"spec must be a lorafx.LoraSpec, IA3Spec or VeraSpec, got {type(spec).__name__}")
     if isinstance(model, LoraModel):
         raise TypeError("model is already a LoraModel; transform the original model instead")
     captured = capture(model, example_args, example_kwargs, dynamic_shapes)
     spec = spec.resolved(captured.output_head)
-    results = run_passes(captured.graph_module, spec, TRANSFORM_PASSES)
+    variant = _variant(spec)
+    results = run_passes(captured.graph_module, spec, variant.passes if variant else TRANSFORM_PASSES)
     lm = LoraModel(captured, spec, model)
     lm.pass_results = results
     lm.train(model.training)
@@ -69,15 +101,22 @@ class LoraModel(torch.nn.Module):
         self._loss_function = getattr(model, "loss_function", None) if captured.hf_model else None
         self._base_name = getattr(config, "_name_or_path", None) or None
         self.model_class = type(model).__name__
+        self._adapters: dict[str, multi_adapter.Adapter] | None = None  # None: one trainable adapter
+        self._active: str | None = None
+        self._disabled = False
+        self.__dict__["_base_view"] = None  # not a submodule: it shares every tensor with graph_module
 
     # -- calling ---------------------------------------------------------------------------
-    def forward(self, *args, labels=None, **kwargs):
+    def forward(self, *args, labels=None, adapter_ids=None, **kwargs):
+        """`adapter_ids`: with named adapters loaded, one entry per batch row — an adapter
+        name, its index in `adapter_names`, or "__base__" / -1 for the base model."""
         if self.input_names is None:
             if labels is not None:
                 raise TypeError("labels= is only supported for Hugging Face models")
-            return self.graph_module(*args, **kwargs)
+            first = next((a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            return self._graph(first.shape[0] if first is not None and first.dim() else 1, adapter_ids)(*args, **kwargs)
         inputs = self._hf_inputs(args, kwargs)
-        out = self.graph_module(**inputs)
+        out = self._graph(inputs["input_ids"].shape[0], adapter_ids)(**inputs)
         if labels is not None:
             if self._loss_function is None:
                 raise TypeError(f"{type(self.config).__name__} model has no loss function for labels=")
@@ -87,6 +126,32 @@ class LoraModel(torch.nn.Module):
             loss = self._loss_function(logits=out["logits"], labels=labels, vocab_size=self.config.vocab_size)
             out = type(out)(loss=loss, **out)  # loss first, as the model itself returns it
         return out
+
+    def _graph(self, batch: int, adapter_ids) -> torch.fx.GraphModule:
+        """The graph to run: the base model's inside disable_adapters(), else the LoRA graph
+        with its per-row adapter slots written."""
+        if self._disabled:
+            if adapter_ids is not None:
+                raise ValueError("adapter_ids= cannot be used inside disable_adapters()")
+            return self._base_graph()
+        if self._adapters is not None or adapter_ids is not None:  # (no graph break for one adapter)
+            multi_adapter.write_ids(self, batch, adapter_ids)
+        return self.graph_module
+
+    def _base_graph(self) -> torch.fx.GraphModule:
+        """graph_module without LoRA: a copy of the graph and modules sharing every parameter
+        and buffer (no weight is copied), made once and dropped when tensors move (_apply)."""
+        if self._base_view is None:
+            shared = {id(t): t for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers())}
+            view = copy.deepcopy(self.graph_module, shared)
+            variant = _variant(self.spec)
+            (variant.strip if variant else strip_lora)(view)
+            self.__dict__["_base_view"] = view
+        return self._base_view.train(self.training)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__["_base_view"] = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _hf_inputs(self, args, kwargs):
         if args:
@@ -120,9 +185,11 @@ class LoraModel(torch.nn.Module):
 
     # -- parameters ------------------------------------------------------------------------
     def named_lora_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        """LoRA parameters with PEFT-style names: `model.layers.0.self_attn.q_proj.lora_A.weight`."""
+        """LoRA parameters with PEFT-style names: `model.layers.0.self_attn.q_proj.lora_A.weight`
+        (with an IA3Spec the (IA)³ vectors `<path>.ia3_l`, with a VeraSpec `<path>.vera_lambda_b` / `_d`)."""
+        suffixes = (".lora_magnitude_vector", ".ia3_l", ".vera_lambda_b", ".vera_lambda_d")
         for name, p in self.graph_module.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector"):
+            if ".lora_A." in name or ".lora_B." in name or name.endswith(suffixes):
                 yield name, p
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -143,13 +210,61 @@ class LoraModel(torch.nn.Module):
         return list(seen)
 
     # -- adapters and deployment ----------------------------------------------------------
-    def save_adapter(self, directory: str | os.PathLike) -> None:
-        """Write adapter_model.safetensors + adapter_config.json exactly as PEFT does."""
-        adapters.save_adapter(self, directory)
+    def save_adapter(self, directory: str | os.PathLike, name: str | None = None) -> None:
+        """Write adapter_model.safetensors + adapter_config.json exactly as PEFT does: the
+        model's adapter, or with named adapters loaded the one called `name` (default: active)."""
+        if self._adapters is None:
+            if name not in (None, multi_adapter.DEFAULT):
+                multi_adapter.set_active(self, name)  # raises KeyError naming the adapters
+            adapters.save_adapter(self, directory)
+        else:
+            adapters.write_adapter(directory, *multi_adapter.adapter_state(self, name))
 
-    def load_adapter(self, directory: str | os.PathLike) -> None:
-        """Load an adapter saved by lorafx or PEFT; checks config, keys and shapes first."""
-        adapters.load_adapter(self, directory)
+    def load_adapter(self, directory: str | os.PathLike, name: str | None = None) -> None:
+        """Load an adapter saved by lorafx or PEFT; checks config, keys and shapes first.
+
+        Without `name` it replaces the model's own (trainable) adapter, which must have the
+        model's r, alpha and targets. With `name` it joins the model's adapters as a frozen,
+        named one (any rank, alpha and targets; plain LoRA): choose it with set_adapter or
+        per batch row with `adapter_ids=`. The first named load freezes the model's own
+        adapter as "default".
+        """
+        if name is None:
+            if self._adapters is not None:
+                raise ValueError("this model holds named adapters; give load_adapter a name")
+            adapters.load_adapter(self, directory)
+        elif _variant(self.spec) is not None:
+            kind = type(self.spec).__name__
+            raise adapters.AdapterError(f"named adapters are LoRA only; this model has a {kind}: load_adapter(dir)")
+        else:
+            multi_adapter.load_named(self, directory, name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Loaded adapters in slot order (the index `adapter_ids` integers refer to)."""
+        return multi_adapter.names(self)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return multi_adapter.DEFAULT if self._adapters is None else self._active
+
+    def set_adapter(self, name: str) -> None:
+        """Use adapter `name` for every row from now on (writes a buffer: no re-capture, same graph)."""
+        multi_adapter.set_active(self, name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Unload a named adapter; if it was active the first remaining one becomes active."""
+        multi_adapter.delete(self, name)
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        """`with lm.disable_adapters():` calls run the base model (PEFT's disable_adapter);
+        gradients still reach the LoRA parameters of calls made outside the block."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield self
+        finally:
+            self._disabled = previous
 
     def save_quantized(self, directory: str | os.PathLike) -> None:
         """The base model as a transformers bitsandbytes 4-bit checkpoint folder (LoRA not included)."""
@@ -164,6 +279,20 @@ class LoraModel(torch.nn.Module):
         unmerged model and call merge() again when you need a deployable copy.
         """
         merged = copy.deepcopy(self)
+        merged.__dict__["_base_view"] = None
+        variant = _variant(self.spec)
+        if variant is not None:  # (IA)³ / VeRA: their own merge pass
+            merged.pass_results = [variant.merge(merged.graph_module, self.spec)]
+            return merged
+        if self._adapters is not None:  # named adapters: merge the active one
+            adapter = self._adapters[self._active]
+            slot = self.adapter_names.index(self._active)
+            merged.pass_results = [
+                unbank(merged.graph_module, slot, adapter.r, adapter.scale),
+                merge_lora(merged.graph_module, self.spec),
+            ]
+            merged._adapters, merged._active = None, None
+            return merged
         # merge_lora reads insert_lora's flat subgraph: undo checkpointing and fusion first.
         merged.pass_results = [
             inline_checkpointed_layers(merged.graph_module, self.spec),

@@ -1,4 +1,4 @@
-"""The `lorafx` command: demo, inspect, estimate, merge, export, quantize.
+"""The `lorafx` command: demo, inspect, estimate, merge, export, quantize, diagnose.
 
 Every command checks its arguments before it loads anything, and a problem it can name —
 a missing folder, a bad number, an unknown config, a checkpoint that does not match — ends
@@ -19,6 +19,7 @@ import torch
 import transformers
 
 from . import cost, demo
+from .diagnose import HEATMAP_COLUMNS, diagnose, format_table, write_heatmap
 from .api import transform
 from .capture import CaptureError
 from .export import export
@@ -60,6 +61,27 @@ def count(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
     return value
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1 (exclusive)")
+    return value
+
+
+def png_file(text: str) -> str:
+    """A .png path in a folder that exists (the file itself may or may not)."""
+    if not text.lower().endswith(".png") or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a .png file name")
+    folder = os.path.dirname(text)
+    if folder and not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder!r} of {text!r} does not exist")
+    return text
 
 
 def existing_dir(text: str) -> str:
@@ -168,6 +190,22 @@ def run_quantize(args) -> int:
     nf4 = next(result.counts for result in lm.pass_results if result.name == "quantize_nf4")
     print(f"stored {nf4['quantized'] + nf4['loaded']} linear layers as NF4; "
           f"{args.out_dir}/model.safetensors is {size / 2**20:.1f} MiB")
+    return 0
+
+
+def run_diagnose(args) -> int:
+    """Per adapter layer: rank, effective rank, ‖ΔW‖/‖W0‖ and intruder dimensions; optionally a heatmap."""
+    reports = diagnose(args.adapter_dir, args.base, k=args.top_k, epsilon=args.epsilon)
+    if not reports:
+        raise ValueError(f"{args.adapter_dir} holds no LoRA layers (no *.lora_A.weight tensors)")
+    print(format_table(reports))
+    mean = sum(r.relative_norm for r in reports) / len(reports)
+    print(f"\n{len(reports)} layers, mean ‖ΔW‖/‖W0‖ {mean:.4f}, {sum(r.intruders for r in reports)} intruder "
+          f"dimensions in total (top-{args.top_k} singular vectors, ε={args.epsilon:g})")
+    if args.png:
+        write_heatmap(reports, args.png, k=args.top_k)
+        print(f"heatmap {args.png}: a row per layer in table order; columns {', '.join(HEATMAP_COLUMNS)}; "
+              "dark purple 0 → yellow 1")
     return 0
 
 
@@ -303,6 +341,25 @@ def build_parser() -> Parser:
     p.add_argument("--blocksize", type=positive_int, default=64, help="NF4 block size (default 64)")
     p.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32")
     p.set_defaults(run=run_quantize)
+
+    p = commands.add_parser("diagnose", help="rank, size and intruder dimensions of each adapter layer",
+                            description="For each LoRA layer of ADAPTER_DIR, against the base weights W0 read "
+                                        "from MODEL_DIR: the rank and effective rank of ΔW = scale·B·A, "
+                                        "‖ΔW‖/‖W0‖, and the intruder dimensions (top-k singular vectors of "
+                                        "W0 + ΔW whose cosine similarity with every singular vector of W0 is "
+                                        "below ε; Shuttleworth et al. 2024). Prints a table and a summary.")
+    p.add_argument("adapter_dir", type=existing_dir, help="adapter folder (lorafx or PEFT)")
+    p.add_argument("--base", required=True, type=existing_dir, metavar="MODEL_DIR",
+                   help="the full-precision Hugging Face checkpoint folder (safetensors) the adapter was trained on; "
+                        "only the adapted weights are read")
+    p.add_argument("--top-k", type=positive_int, default=10, metavar="K",
+                   help="how many top singular vectors of W0 + ΔW to test for intruders (default 10)")
+    p.add_argument("--epsilon", type=fraction, default=0.5, metavar="E",
+                   help="cosine similarity below which a singular vector is an intruder, 0 < ε < 1 (default 0.5)")
+    p.add_argument("--png", type=png_file, metavar="FILE",
+                   help="also write a heatmap: a row per layer in table order, columns " + ", ".join(HEATMAP_COLUMNS)
+                        + "; each in [0, 1], dark purple (0) to yellow (1)")
+    p.set_defaults(run=run_diagnose)
     return parser
 
 

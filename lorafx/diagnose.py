@@ -11,10 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import struct
+import zlib
 
 import torch
 
-from .adapters import KEY_PREFIX, read_config, read_tensors
+from .adapters import KEY_PREFIX, AdapterError, read_config, read_tensors
+from .files import write_atomically
 
 
 @dataclasses.dataclass
@@ -22,6 +26,7 @@ class LayerReport:
     path: str
     shape: tuple[int, int]
     rank: int  # numerical rank of ΔW = scale·B·A
+    r: int  # the layer's LoRA rank (rows of lora_A): the most `rank` can be
     effective_rank: float  # exp(entropy of normalized singular values), Roy & Vetterli 2007
     relative_norm: float  # ‖ΔW‖_F / ‖W0‖_F
     intruders: int  # intruder dimensions among the top-k singular vectors of W0 + ΔW
@@ -33,26 +38,54 @@ def diagnose(adapter_dir, base, k: int = 10, epsilon: float = 0.5) -> list[Layer
     if not (isinstance(k, int) and k >= 1) or not 0 < epsilon < 1:
         raise ValueError(f"need k >= 1 and 0 < epsilon < 1, got k={k!r}, epsilon={epsilon!r}")
     config = read_config(os.fspath(adapter_dir))
-    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
     tensors = read_tensors(os.fspath(adapter_dir))
     paths = [t[len(KEY_PREFIX) : -len(".lora_A.weight")] for t in tensors if t.endswith(".lora_A.weight")]
     base_weights = _base_weights(base, paths)
+    where = os.fspath(base) if isinstance(base, (str, os.PathLike)) else "the base"
     reports = []
-    for key in sorted(t for t in tensors if t.endswith(".lora_A.weight")):
-        path = key[len(KEY_PREFIX) : -len(".lora_A.weight")]
+    for path in sorted(paths):
         if path not in base_weights:
-            raise KeyError(f"the base has no weight for adapter layer {path!r}")
+            raise AdapterError(f"{where} has no weight {path}.weight for adapter layer {path!r}: "
+                               "is it the model the adapter was trained on?")
+        a = tensors[f"{KEY_PREFIX}{path}.lora_A.weight"].float()
+        b = tensors.get(f"{KEY_PREFIX}{path}.lora_B.weight")
+        if b is None or b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+            found = "is missing" if b is None else f"has shape {tuple(b.shape)} for lora_A {tuple(a.shape)}"
+            raise AdapterError(f"{os.fspath(adapter_dir)}: lora_B of {path!r} {found}")
         w0 = base_weights[path].float()
-        delta = scale * (tensors[key.replace("lora_A", "lora_B")].float() @ tensors[key].float())
-        if delta.shape != w0.shape:
-            delta = delta.T  # Conv1D bases store W as (in, out)
-        if delta.shape != w0.shape:
-            raise ValueError(f"{path}: adapter update {tuple(delta.shape)} does not fit base weight {tuple(w0.shape)}")
-        reports.append(_layer(path, w0, delta, k, epsilon))
+        r = a.shape[0]  # PEFT's rank_pattern gives layers their own r
+        alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
+        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        delta = _in_layout_of(w0, scale * (b.float() @ a), bool(config.get("fan_in_fan_out")))
+        if delta is None:
+            raise AdapterError(f"{path}: adapter update {(b.shape[0], a.shape[1])} does not fit {where}'s "
+                               f"weight {tuple(w0.shape)}: is it the model the adapter was trained on?")
+        reports.append(_layer(path, w0, delta, r, k, epsilon))
     return reports
 
 
-def _layer(path, w0, delta, k, epsilon) -> LayerReport:
+def _pattern_value(patterns, path, default):
+    """PEFT's alpha_pattern / rank_pattern: the first key that equals a dotted suffix of the path (regex)."""
+    for pattern, value in (patterns or {}).items():
+        try:
+            if re.fullmatch(rf"(.*\.)?(?:{pattern})", path):
+                return value
+        except re.error as e:
+            raise AdapterError(f"pattern {pattern!r} in adapter_config.json is not a regex: {e}") from None
+    return default
+
+
+def _in_layout_of(w0, delta, fan_in_fan_out):
+    """ΔW (out, in) in the layout W0 is stored in, or None if it fits neither way. GPT-2's Conv1D
+    stores W as (in, out), which PEFT marks with fan_in_fan_out; only square weights need the flag."""
+    if delta.shape == w0.shape and not (fan_in_fan_out and delta.T.shape == w0.shape):
+        return delta
+    if delta.T.shape == w0.shape:
+        return delta.T
+    return None
+
+
+def _layer(path, w0, delta, r, k, epsilon) -> LayerReport:
     s = torch.linalg.svdvals(delta)
     tol = s.max() * max(delta.shape) * torch.finfo(s.dtype).eps if s.numel() else 0
     p = s / s.sum() if s.sum() > 0 else s
@@ -64,6 +97,7 @@ def _layer(path, w0, delta, k, epsilon) -> LayerReport:
         path=path,
         shape=tuple(w0.shape),
         rank=int((s > tol).sum()),
+        r=r,
         effective_rank=float(torch.exp(-(p * p.log()).sum())) if p.numel() else 0.0,
         relative_norm=float(delta.norm() / w0.norm()),
         intruders=int((best < epsilon).sum()),
@@ -80,10 +114,15 @@ def _base_weights(base, paths) -> dict[str, torch.Tensor]:
     index = checkpoint_index(os.fspath(base))
     weights = {}
     for path in paths:
-        key = f"{path}.weight"
-        if key in index:
-            with open_shard(index[key]) as f:
-                weights[path] = f.get_tensor(key)
+        # GPT-2-style checkpoints saved from the base model omit its prefix ("transformer.")
+        for key in (f"{path}.weight", f"{path.partition('.')[2]}.weight"):
+            if f"{key}.quant_state.bitsandbytes__nf4" in index:
+                raise AdapterError(f"{os.fspath(base)} stores {key} in 4 bits: diagnose against the "
+                                   "full-precision base model")
+            if key in index:
+                with open_shard(index[key]) as f:
+                    weights[path] = f.get_tensor(key)
+                break
     return weights
 
 
@@ -94,3 +133,60 @@ def format_table(reports: list[LayerReport]) -> str:
         for r in reports
     ]
     return "\n".join(lines)
+
+
+# -- heatmap: rows = layers (table order), columns = HEATMAP_COLUMNS ------------------------
+HEATMAP_COLUMNS = ("rank/r", "effective rank/r", "‖ΔW‖/‖W0‖ ÷ the largest", "intruders/k")
+# viridis at 0, ¼, ½, ¾, 1: dark purple → yellow, readable in grey and by colour-blind eyes;
+# green rises with the value.
+VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+
+
+def heatmap_values(reports: list[LayerReport], k: int) -> list[list[float]]:
+    """Each report's metrics in [0, 1]: the fractions as they are, the relative norm over its largest."""
+    largest = max((r.relative_norm for r in reports), default=0.0)
+    rows = []
+    for r in reports:
+        row = [r.rank / r.r, r.effective_rank / r.r, r.relative_norm / largest if largest > 0 else 0.0, r.intruders / k]
+        rows.append([min(max(v, 0.0), 1.0) for v in row])
+    return rows
+
+
+def heat_colour(value: float) -> tuple[int, int, int]:
+    """value in [0, 1] → RGB, linear between the VIRIDIS stops."""
+    x = min(max(value, 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(x), len(VIRIDIS) - 2)
+    t = x - i
+    return tuple(round(lo + t * (hi - lo)) for lo, hi in zip(VIRIDIS[i], VIRIDIS[i + 1]))
+
+
+def encode_png(pixels: list[list[tuple[int, int, int]]]) -> bytes:
+    """An 8-bit RGB PNG of rows of pixels (no filtering; zlib does the compressing)."""
+    height, width = len(pixels), len(pixels[0]) if pixels else 0
+    if not (height and width):
+        raise ValueError("a PNG needs at least one pixel")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\0" + bytes(c for pixel in row for c in pixel) for row in pixels)  # filter 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, no filter, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+
+
+def write_heatmap(reports: list[LayerReport], path, k: int, block: int = 16) -> None:
+    """A PNG heatmap, one block×block cell per (layer, metric): rows are the reports in order,
+    columns HEATMAP_COLUMNS. No text in the image: the table is its legend."""
+    if not reports:
+        raise ValueError("no layers to draw")
+    pixels = []
+    for values in heatmap_values(reports, k):
+        row = [colour for v in values for colour in [heat_colour(v)] * block]
+        pixels += [row] * block
+    data = encode_png(pixels)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_atomically({os.fspath(path): write})

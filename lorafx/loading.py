@@ -49,6 +49,11 @@ def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None,
     `dtype` is the dtype of the parameters that stay full precision (default: the config's
     dtype, else float32). Weights `spec.quantizes` are streamed straight to NF4.
     """
+    if not isinstance(spec, LoraSpec):
+        raise TypeError(
+            f"from_pretrained takes a LoraSpec, got {type(spec).__name__}; for (IA)³ or VeRA load the "
+            "model with transformers and call lorafx.transform(model, spec)"
+        )
     directory = os.fspath(directory)
     config = _read_config(directory)
     quantization = getattr(config, "quantization_config", None)
@@ -60,6 +65,12 @@ def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None,
         skip = quantization.get("llm_int8_skip_modules")
         spec = dataclasses.replace(spec, quantize="nf4", quantize_skip=skip if skip else spec.quantize_skip)
         del config.quantization_config
+    if spec.init_from_weights and spec.quantize == "nf4":
+        raise ValueError(
+            f"LoraSpec.init={spec.init!r} computes A, B from the full-precision weights and rewrites them, "
+            "but from_pretrained with NF4 quantizes each weight as it streams in (or reads a 4-bit "
+            "checkpoint): load the model in float with transformers and call lorafx.transform(model, spec)"
+        )
     dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

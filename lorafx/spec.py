@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "loftq")  # and "pissa_niter_<N>"
+PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
 QUANTIZE = (None, "nf4")
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 CHECKPOINT = (None, "layer")
@@ -36,7 +37,14 @@ class LoraSpec:
         targets is "all-linear", nothing otherwise.
     use_dora: DoRA (weight-decomposed LoRA): a trainable magnitude per output row rescales
         W0 + scale·B·A, as PEFT's use_dora.
-    init: "kaiming" (PEFT default: A kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r)).
+    init: "kaiming" (PEFT default: A kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r)):
+        the layer starts unchanged. "pissa": A, B are the top-r singular directions of W and
+        the base keeps the residual W - scale·B·A (PEFT's "pissa"; with quantize="nf4" the
+        residual is quantized: QPiSSA); "pissa_niter_N": the same from a randomized SVD with N
+        subspace iterations. "loftq" (needs quantize="nf4"): base and B·A alternately fitted
+        so NF4(base) + scale·B·A ≈ W, `loftq_iter` rounds (PEFT's LoftQConfig.loftq_iter,
+        ignored by other inits). These three rewrite the base weights, so they need the
+        full-precision model (lorafx.transform, not a streaming from_pretrained with NF4).
 
     QLoRA: quantize="nf4" stores every frozen linear weight except `quantize_skip` as NF4
     (bitsandbytes' layout; `blocksize`, `double_quant` as its blocksize/compress_statistics).
@@ -61,6 +69,7 @@ class LoraSpec:
     compute_dtype: torch.dtype | None = None
     quantize_skip: str | Sequence[str] | None = None
     checkpoint: str | None = None
+    loftq_iter: int = 1
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -80,8 +89,10 @@ class LoraSpec:
             _fail("use_rslora", self.use_rslora, "True or False")
         if not isinstance(self.use_dora, bool):
             _fail("use_dora", self.use_dora, "True or False")
-        if self.init not in INITS:
-            _fail("init", self.init, " or ".join(map(repr, INITS)))
+        if self.init not in INITS and not (isinstance(self.init, str) and PISSA_NITER.fullmatch(self.init)):
+            _fail("init", self.init, "'kaiming', 'gaussian', 'pissa', 'pissa_niter_N' (N an integer >= 1) or 'loftq'")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            _fail("loftq_iter", self.loftq_iter, "an integer >= 1")
         if self.bias not in BIASES:
             _fail("bias", self.bias, "'none' (LoRA bias training is not supported)")
         if self.quantize not in QUANTIZE:
@@ -101,6 +112,19 @@ class LoraSpec:
             object.__setattr__(self, "quantize_skip", _check_selector("quantize_skip", self.quantize_skip))
         if self.checkpoint not in CHECKPOINT:
             _fail("checkpoint", self.checkpoint, "None or 'layer'")
+        if self.init == "loftq" and self.quantize != "nf4":
+            allowed = f"'loftq' only with quantize='nf4' (LoftQ fits B·A to the NF4 error), not quantize={self.quantize!r}"
+            _fail("init", self.init, allowed)
+
+    @property
+    def init_from_weights(self) -> bool:
+        """True when the init computes A, B from the base weights and rewrites them (PiSSA, LoftQ)."""
+        return self.init not in ("kaiming", "gaussian")
+
+    @property
+    def peft_init_lora_weights(self) -> bool | str:
+        """LoraConfig.init_lora_weights for this init (PEFT's True is our "kaiming")."""
+        return True if self.init == "kaiming" else self.init
 
     @property
     def scale(self) -> float:
@@ -129,6 +153,13 @@ class LoraSpec:
 
         config = check_config(config, "config") if isinstance(config, dict) else read_config(config)
         targets = config["target_modules"]
+        init = config.get("init_lora_weights", True)
+        # PEFT's False (B random too, "for debugging") has no lorafx twin; it only matters
+        # for a fresh adapter, so it maps to the default init like True.
+        init = "kaiming" if isinstance(init, bool) else init
+        loftq = config.get("loftq_config") or {}
+        if init == "loftq" and loftq.get("loftq_bits", 4) != 4:
+            _fail("init", init, f"LoftQ with 4-bit NF4 only, got loftq_config.loftq_bits={loftq['loftq_bits']!r}")
         return cls(
             r=config["r"],
             alpha=config["lora_alpha"],
@@ -137,6 +168,9 @@ class LoraSpec:
             exclude=config.get("exclude_modules") or [],
             use_rslora=config.get("use_rslora", False),
             use_dora=config.get("use_dora", False),
+            init=init,
+            loftq_iter=loftq.get("loftq_iter", 1) if init == "loftq" else 1,
+            quantize="nf4" if init == "loftq" else None,  # PEFT's LoftQ is QLoRA: its base is 4-bit
             bias=config.get("bias", "none"),
         )
 

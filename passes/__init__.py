@@ -5,7 +5,10 @@ from .checkpoint_layers import checkpoint_layers, graph_nodes, inline_checkpoint
 from .common import PassResult
 from .dropout_follows_mode import dropout_follows_mode
 from .fuse_nf4_lora import fuse_nf4_lora, unfuse_nf4_lora
+from .init_lora import init_lora
+from .insert_ia3 import insert_ia3, merge_ia3, strip_ia3
 from .insert_lora import NoTargetError, insert_lora
+from .insert_vera import insert_vera, merge_vera, strip_vera
 from .match_linears import match_linears
 from .merge_lora import merge_lora
 from .quantize_nf4 import quantize_nf4
@@ -34,15 +37,32 @@ def fuse_on_cuda(gm, spec) -> PassResult:
 TRANSFORM_PASSES = [
     dropout_follows_mode,  # baked dropouts → modules that obey .train()/.eval()
     match_linears,  # tag linear / Conv1D nodes with their module path
+    init_lora,  # init="pissa"/"loftq": A, B from the full-precision weights, which it rewrites
     quantize_nf4,  # QLoRA: frozen weights → NF4 storage + lorafx::nf4_dequant
     insert_lora,  # add the LoRA branch to the layers the spec selects
     fuse_on_cuda,  # CUDA only: base + LoRA (+ dequant) → one fused op (before checkpointing: it reads the flat graph)
     checkpoint_layers,  # checkpoint="layer": each decoder layer recomputed in the backward
 ]
 
+# lorafx.transform with an IA3Spec: (IA)³ instead of LoRA. merge() runs merge_ia3.
+IA3_TRANSFORM_PASSES = [
+    dropout_follows_mode,  # baked dropouts → modules that obey .train()/.eval()
+    match_linears,  # tag linear / Conv1D nodes with their module path
+    insert_ia3,  # scale the input (feedforward) or output of each selected layer by a learned vector
+]
+
+# lorafx.transform with a VeraSpec: VeRA instead of LoRA. merge() runs merge_vera.
+VERA_TRANSFORM_PASSES = [
+    dropout_follows_mode,  # baked dropouts → modules that obey .train()/.eval()
+    match_linears,  # tag linear / Conv1D nodes with their module path
+    insert_vera,  # shared frozen projections + per-layer λ_d, λ_b branch on each selected layer
+]
+
 __all__ = [
     "FUSE_PASSES",
     "TRANSFORM_PASSES",
+    "IA3_TRANSFORM_PASSES",
+    "VERA_TRANSFORM_PASSES",
     "NoTargetError",
     "PassResult",
     "checkpoint_layers",
@@ -50,11 +70,18 @@ __all__ = [
     "fuse_nf4_lora",
     "fuse_on_cuda",
     "graph_nodes",
+    "init_lora",
     "inline_checkpointed_layers",
+    "insert_ia3",
     "insert_lora",
+    "insert_vera",
     "match_linears",
+    "merge_ia3",
     "merge_lora",
+    "merge_vera",
     "quantize_nf4",
     "run_passes",
+    "strip_ia3",
+    "strip_vera",
     "unfuse_nf4_lora",
 ]

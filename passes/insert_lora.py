@@ -5,6 +5,7 @@ import math
 import torch
 
 from .common import LINEAR, LORA, PassResult, aten, input_node, weight_node, weight_value
+from .init_lora import LORA_INIT
 
 
 class NoTargetError(ValueError):
@@ -46,22 +47,34 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
 
 
 def _add_lora_modules(gm, node, site, spec):
-    """PEFT's module names and init; LoRA weights in the dtype the layer computes in."""
+    """PEFT's module names and init (or the A, B init_lora computed); LoRA weights in the
+    dtype the layer computes in."""
     owner = gm.get_submodule(site.path)
     factory = {"device": site.device, "dtype": site.dtype}
     lora_a = torch.nn.Linear(site.in_features, spec.r, bias=False, **factory)
     lora_b = torch.nn.Linear(spec.r, site.out_features, bias=False, **factory)
+    pending = gm.meta.get(LORA_INIT, {})
+    computed = pending.pop(site.path, None)
+    if not pending:
+        gm.meta.pop(LORA_INIT, None)
     with torch.no_grad():
-        if spec.init == "kaiming":
-            torch.nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))  # PEFT's default init
+        if computed is not None:
+            lora_a.weight.copy_(computed[0])
+            lora_b.weight.copy_(computed[1])
         else:
-            torch.nn.init.normal_(lora_a.weight, std=1 / spec.r)
-        lora_b.weight.zero_()
+            if spec.init == "gaussian":
+                torch.nn.init.normal_(lora_a.weight, std=1 / spec.r)
+            else:  # PEFT's default init (also LoftQ's layers that stay full precision)
+                torch.nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+            lora_b.weight.zero_()
     owner.add_module("lora_A", lora_a)
     owner.add_module("lora_B", lora_b)
     owner.add_module("lora_dropout", torch.nn.Dropout(spec.dropout) if spec.dropout else torch.nn.Identity())
-    if spec.use_dora:  # B = 0, so the magnitude starts as ‖W‖ per output row: the layer is unchanged
-        norm = torch.linalg.vector_norm(weight_value(gm, node).to(site.dtype), dim=1)
+    if spec.use_dora:  # the magnitude starts as ‖W + scale·B·A‖ per output row: the layer is unchanged
+        combined = weight_value(gm, node).to(site.dtype)
+        if computed is not None:
+            combined = combined + (lora_b.weight @ lora_a.weight) * spec.scale
+        norm = torch.linalg.vector_norm(combined, dim=1)
         owner.register_parameter("lora_magnitude_vector", torch.nn.Parameter(norm.detach()))
 
 

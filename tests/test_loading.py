@@ -27,7 +27,7 @@ def test_streaming_load_of_sharded_checkpoint_equals_transform(tmp_path, arch):
     assert (tmp_path / "model.safetensors.index.json").exists()
     expected = lorafx.transform(tiny_model(arch), SPEC).eval()
     lm = lorafx.from_pretrained(tmp_path, SPEC, progress=False).eval()
-    assert lm.pass_results[2].counts["loaded"] == len(lm.linear_sites()) - 1
+    assert next(r for r in lm.pass_results if r.name == "quantize_nf4").counts["loaded"] == len(lm.linear_sites()) - 1
     ids = token_batch()
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, expected(ids).logits, rtol=0, atol=0)

@@ -21,7 +21,7 @@ from lorafx import LoraSpec
         ("targets", 7, "regex string"),
         ("exclude", 3, "regex string"),
         ("use_rslora", "yes", "True or False"),
-        ("init", "pissa", "'kaiming' or 'gaussian'"),
+        ("init", "svd", "'kaiming'"),
         ("bias", "all", "'none'"),
         ("quantize", "int4", "None or 'nf4'"),
         ("blocksize", 48, "power of two"),
