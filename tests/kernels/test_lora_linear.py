@@ -7,15 +7,11 @@ the parametrized tests compare them. Dense W allows any K, odd ones included.
 """
 
 import dataclasses
-import os
-import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
-import triton
-from safetensors.torch import load_file, save_file
+from interpreter import interpret_cases, interpreted_results
 
 from lorafx.kernels import lora_linear as K
 from lorafx.kernels import lora_matmul as LM
@@ -98,25 +94,13 @@ def run_case(case: Case) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def interpret_all(path: str) -> None:
     """The subprocess: every case through the interpreted kernels, results saved to ``path``."""
-    assert triton.knobs.runtime.interpret, "run with TRITON_INTERPRET=1"
-    torch.library.register_kernel("lorafx::lora_linear", "cpu", K.lora_linear_cuda)
-    torch.library.register_kernel("lorafx::lora_linear_grad_input", "cpu", K.lora_linear_grad_input_cuda)
-    results = {}
-    for case, case_id in zip(CASES, CASE_IDS):
-        for name, (got, ref) in run_case(case).items():
-            results[f"{case_id}/{name}/kernel"], results[f"{case_id}/{name}/ref"] = got.contiguous(), ref.contiguous()
-    save_file(results, path)
+    interpret_cases(path, {"lorafx::lora_linear": K.lora_linear_cuda, "lorafx::lora_linear_grad_input": K.lora_linear_grad_input_cuda}, CASES, CASE_IDS, run_case)
 
 
 @pytest.fixture(scope="module")
 def interpreted():
     """Results of the interpreter subprocess (about 20 s on two cores)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "results.safetensors")
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run([sys.executable, __file__, path], env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return load_file(path)
+    return interpreted_results(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -9,15 +9,11 @@ sm_90 compile check and the GPU tests run in the pytest process.
 """
 
 import dataclasses
-import os
-import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
-import triton
-from safetensors.torch import load_file, save_file
+from interpreter import interpret_cases, interpreted_results
 
 from lorafx.kernels import lora_matmul as LM
 from lorafx.kernels import nf4 as NF4
@@ -139,27 +135,22 @@ def run_dequant_case(shape, double_quant, dtype):
 
 def interpret_all(path: str) -> None:
     """The subprocess: every case through the interpreted kernels, results saved to ``path``."""
-    assert triton.knobs.runtime.interpret, "run with TRITON_INTERPRET=1"
-    torch.library.register_kernel("lorafx::nf4_lora_linear", "cpu", K.nf4_lora_linear_cuda)
-    torch.library.register_kernel("lorafx::nf4_lora_linear_grad_input", "cpu", K.nf4_lora_linear_grad_input_cuda)
-    results = {}
-    for case, case_id in zip(CASES, CASE_IDS):
-        for name, (got, ref) in run_case(case).items():
-            results[f"{case_id}/{name}/kernel"], results[f"{case_id}/{name}/ref"] = got.contiguous(), ref.contiguous()
-    for i, dequant_case in enumerate(DEQUANT_CASES):
-        results[f"dequant{i}/kernel"], results[f"dequant{i}/ref"] = run_dequant_case(*dequant_case)
-    save_file(results, path)
+
+    def dequant_results():
+        results = {}
+        for i, dequant_case in enumerate(DEQUANT_CASES):
+            results[f"dequant{i}/kernel"], results[f"dequant{i}/ref"] = run_dequant_case(*dequant_case)
+        return results
+
+    launchers = {"lorafx::nf4_lora_linear": K.nf4_lora_linear_cuda,
+         "lorafx::nf4_lora_linear_grad_input": K.nf4_lora_linear_grad_input_cuda}
+    interpret_cases(path, launchers, CASES, CASE_IDS, run_case, dequant_results)
 
 
 @pytest.fixture(scope="module")
 def interpreted():
     """Results of the interpreter subprocess (about 30 s on two cores)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "results.safetensors")
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run([sys.executable, __file__, path], env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return load_file(path)
+    return interpreted_results(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
