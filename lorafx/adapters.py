@@ -129,6 +129,18 @@ def read_config(directory, check=None) -> dict:
     return (check or check_config)(config, path)
 
 
+def spec_for(directory):
+    """The lorafx spec (LoraSpec, IA3Spec or VeraSpec) equal to the PEFT config in `directory`."""
+    from .ia3 import IA3Spec  # they import this module
+    from .spec import LoraSpec
+    from .vera import VeraSpec
+
+    raw = read_config(directory, check=lambda config, path: config)
+    peft_type = raw.get("peft_type", "LORA") if isinstance(raw, dict) else "LORA"
+    spec_class = {"IA3": IA3Spec, "VERA": VeraSpec}.get(peft_type, LoraSpec)
+    return spec_class.from_peft_config(directory)
+
+
 def check_config(config, path: str) -> dict:
     """The fields lorafx reads from a PEFT LoraConfig dict are present and supported."""
     if not isinstance(config, dict):

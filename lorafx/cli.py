@@ -20,6 +20,7 @@ import transformers
 
 from . import cost, demo
 from .diagnose import HEATMAP_COLUMNS, diagnose, format_table, write_heatmap
+from .adapters import spec_for
 from .api import transform
 from .capture import CaptureError
 from .export import export
@@ -160,7 +161,12 @@ def run_merge(args) -> int:
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(args.base_dir, name)):
             shutil.copy2(os.path.join(args.base_dir, name), args.out_dir)
-    print(f"merged {len(lm.lora_paths())} LoRA layers (r={lm.spec.r}, alpha={lm.spec.alpha:g}) into {args.out_dir}")
+    if isinstance(lm.spec, LoraSpec):
+        what = f"{len(lm.lora_paths())} LoRA layers (r={lm.spec.r}, alpha={lm.spec.alpha:g})"
+    else:
+        kind = type(lm.spec).__name__.removesuffix("Spec")
+        what = f"the {kind} adapter ({len(list(lm.named_lora_parameters()))} tensors)"
+    print(f"merged {what} into {args.out_dir}")
     return 0
 
 
@@ -225,7 +231,7 @@ def load_with_adapter(base_dir: str, adapter_dir: str):
     config = transformers.AutoConfig.from_pretrained(base_dir)
     if getattr(config, "quantization_config", None) is not None:
         raise ValueError(f"{base_dir} is a quantized checkpoint: merge onto the full-precision base model")
-    spec = LoraSpec.from_peft_config(adapter_dir)
+    spec = spec_for(adapter_dir)  # LoRA, (IA)³ or VeRA, by the adapter's peft_type
     # use_safetensors: never unpickle a pytorch_model.bin from the user's folder.
     model = model_class(config).from_pretrained(base_dir, use_safetensors=True)
     lm = transform(model, spec)

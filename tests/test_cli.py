@@ -6,6 +6,7 @@ import subprocess
 import sys
 import zlib
 
+import peft
 import pytest
 import safetensors.torch
 import torch
@@ -103,6 +104,22 @@ def test_merge_writes_a_hf_folder_equal_to_lm_merge(checkpoint):
     merged = transformers.LlamaForCausalLM.from_pretrained(out_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(checkpoint["ids"]).logits, checkpoint["expected"])
+
+
+def test_merge_reads_the_adapter_type_ia3_like_peft(checkpoint, tmp_path):
+    base = transformers.LlamaForCausalLM.from_pretrained(checkpoint["base"])
+    config = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                            init_ia3_weights=False)
+    theirs = peft.get_peft_model(base, config)
+    theirs.save_pretrained(tmp_path / "ia3")
+    with torch.no_grad():
+        expected = theirs.merge_and_unload()(checkpoint["ids"]).logits
+    out = lorafx_cmd("merge", checkpoint["base"], tmp_path / "ia3", tmp_path / "merged")
+    assert out.returncode == 0, out.stderr
+    assert "merged the IA3 adapter (4 tensors)" in out.stdout
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(checkpoint["ids"]).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_adapter_of_another_model_is_one_line_error(checkpoint, tmp_path):
