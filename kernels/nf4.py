@@ -266,7 +266,19 @@ def nf4_dequant(
     to whatever consumes the output (e.g. the input of a linear) but never to storage.
     """
     check_nf4_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape)
-    return dequantize_nf4(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dtype)
+    args = (packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dtype)
+    return _observed(dequantize_nf4(*args), args)
+
+
+# Callbacks told of every eager dequantization, (result, op arguments): lorafx.nf4_memory uses
+# them to let autograd keep the NF4 weight instead of its dequantized copy.
+DEQUANT_OBSERVERS: list = []
+
+
+def _observed(out: Tensor, args) -> Tensor:
+    for observer in DEQUANT_OBSERVERS:
+        observer(out, args)
+    return out
 
 
 @nf4_dequant.register_fake
@@ -425,4 +437,4 @@ def nf4_dequant_triton(
 def _(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dtype):
     check_nf4_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape)
     nf4_args = (packed, absmax, quant_map, nested_absmax, nested_quant_map, offset)
-    return nf4_dequant_triton(*nf4_args, blocksize, shape, dtype)
+    return _observed(nf4_dequant_triton(*nf4_args, blocksize, shape, dtype), (*nf4_args, blocksize, shape, dtype))

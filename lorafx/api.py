@@ -32,6 +32,7 @@ from lorafx.passes.adapter_bank import strip_lora, unbank
 from . import adapters, multi_adapter
 from .capture import Captured, capture
 from .ia3 import IA3Spec
+from .nf4_memory import saved_nf4_weights
 from .spec import LoraSpec
 from .vera import VeraSpec
 
@@ -114,9 +115,13 @@ class LoraModel(torch.nn.Module):
             if labels is not None:
                 raise TypeError("labels= is only supported for Hugging Face models")
             first = next((a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            return self._graph(first.shape[0] if first is not None and first.dim() else 1, adapter_ids)(*args, **kwargs)
+            graph = self._graph(first.shape[0] if first is not None and first.dim() else 1, adapter_ids)
+            with self._nf4_saved_as_nf4():
+                return graph(*args, **kwargs)
         inputs = self._hf_inputs(args, kwargs)
-        out = self._graph(inputs["input_ids"].shape[0], adapter_ids)(**inputs)
+        graph = self._graph(inputs["input_ids"].shape[0], adapter_ids)
+        with self._nf4_saved_as_nf4():
+            out = graph(**inputs)
         if labels is not None:
             if self._loss_function is None:
                 raise TypeError(f"{type(self.config).__name__} model has no loss function for labels=")
@@ -126,6 +131,12 @@ class LoraModel(torch.nn.Module):
             loss = self._loss_function(logits=out["logits"], labels=labels, vocab_size=self.config.vocab_size)
             out = type(out)(loss=loss, **out)  # loss first, as the model itself returns it
         return out
+
+    def _nf4_saved_as_nf4(self):
+        """QLoRA training, eager: autograd keeps NF4 weights 4-bit (lorafx/nf4_memory.py)."""
+        if getattr(self.spec, "quantize", None) == "nf4" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return saved_nf4_weights()
+        return contextlib.nullcontext()
 
     def _graph(self, batch: int, adapter_ids) -> torch.fx.GraphModule:
         """The graph to run: the base model's inside disable_adapters(), else the LoRA graph

@@ -69,6 +69,7 @@ def quantize_nf4(gm: torch.fx.GraphModule, spec) -> PassResult:
             continue
         owner = gm.get_submodule(site.path)
         if not hasattr(owner, STORAGE):
+            _refuse_tied(gm, node, site)
             weight = owner.weight.detach()
             try:
                 nf4 = quantize_tensor(weight.T if site.fan_in_fan_out else weight, spec.blocksize, spec.double_quant)
@@ -111,3 +112,17 @@ def quantize_nf4(gm: torch.fx.GraphModule, spec) -> PassResult:
     graph.lint()
     gm.recompile()
     return PassResult("quantize_nf4", counts)
+
+
+def _refuse_tied(gm, node, site) -> None:
+    """A weight something else also reads (GPT-2's lm_head is its token embedding) cannot move
+    to NF4 storage without untying it: say so, instead of a broken graph."""
+    owner = gm.get_submodule(site.path)
+    names = [n for n, p in gm.named_parameters(remove_duplicate=False) if p is owner.weight]
+    readers = [u.name for u in weight_node(node).users if u is not node]
+    if len(names) > 1 or readers:
+        also = ", ".join(n for n in names if n != f"{site.path}.weight") or ", ".join(readers)
+        raise ValueError(
+            f"{site.path}.weight is tied ({also} reads it too): NF4 storage would untie it. Keep it full "
+            f"precision: leave {site.path!r} in LoraSpec.quantize_skip (its default skips the output head)"
+        )

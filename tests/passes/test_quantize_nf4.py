@@ -101,3 +101,9 @@ def test_quantize_skip_and_blocksize():
 def test_blocksize_must_divide_the_weight():
     with pytest.raises(ValueError, match="multiple of blocksize=4096"):
         lorafx.transform(tiny_model("llama"), lorafx.LoraSpec(quantize="nf4", blocksize=4096))
+
+
+def test_tied_weight_is_refused_by_name():
+    """GPT-2's lm_head is its token embedding: NF4 storage would untie them."""
+    with pytest.raises(ValueError, match=r"lm_head.weight is tied \(transformer.wte.weight reads it too\)"):
+        lorafx.transform(tiny_model("gpt2"), lorafx.LoraSpec(r=4, quantize="nf4", quantize_skip=[]))
