@@ -52,7 +52,7 @@ def peft_config(lm) -> dict:
         "fan_in_fan_out": any(sites[p].fan_in_fan_out for p in paths),
         "bias": spec.bias,
         "use_rslora": spec.use_rslora,
-        "modules_to_save": None,
+        "modules_to_save": list(spec.modules_to_save) or None,
         "init_lora_weights": spec.peft_init_lora_weights,
         "layers_to_transform": None,
         "layers_pattern": None,

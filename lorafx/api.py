@@ -75,7 +75,7 @@ def transform(
     if isinstance(model, LoraModel):
         raise TypeError("model is already a LoraModel; transform the original model instead")
     captured = capture(model, example_args, example_kwargs, dynamic_shapes)
-    spec = spec.resolved(captured.output_head)
+    spec = spec.resolved(captured.output_head, type(model).__name__)
     variant = _variant(spec)
     results = run_passes(captured.graph_module, spec, variant.passes if variant else TRANSFORM_PASSES)
     lm = LoraModel(captured, spec, model)
@@ -125,12 +125,27 @@ class LoraModel(torch.nn.Module):
         if labels is not None:
             if self._loss_function is None:
                 raise TypeError(f"{type(self.config).__name__} model has no loss function for labels=")
-            if not isinstance(labels, torch.Tensor) or labels.shape != inputs["input_ids"].shape:
-                got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-                raise ValueError(f"labels has shape {got}; it must match input_ids {tuple(inputs['input_ids'].shape)}")
-            loss = self._loss_function(logits=out["logits"], labels=labels, vocab_size=self.config.vocab_size)
+            loss = self._loss(out["logits"], labels, inputs["input_ids"])
             out = type(out)(loss=loss, **out)  # loss first, as the model itself returns it
         return out
+
+    def _loss(self, logits, labels, ids):
+        """The model's own loss function, called as the model calls it for its task."""
+        batch = ids.shape[0]
+        if self.model_class.endswith("ForSequenceClassification"):  # one label (or a multi-label row) per sequence
+            expected = f"({batch},) or ({batch}, num_labels={self.config.num_labels})"
+            call = dict(pooled_logits=logits, config=self.config)
+            fits = isinstance(labels, torch.Tensor) and labels.shape in ((batch,), (batch, self.config.num_labels))
+        elif self.model_class.endswith("ForTokenClassification"):
+            expected, call = f"{tuple(ids.shape)}, like input_ids", dict(logits=logits, config=self.config)
+            fits = isinstance(labels, torch.Tensor) and labels.shape == ids.shape
+        else:  # language models: next-token labels (GPT2LMHeadModel, *ForCausalLM)
+            expected, call = f"{tuple(ids.shape)}, like input_ids", dict(logits=logits, vocab_size=self.config.vocab_size)
+            fits = isinstance(labels, torch.Tensor) and labels.shape == ids.shape
+        if not fits:
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels has shape {got}; {self.model_class} expects {expected}")
+        return self._loss_function(labels=labels, **call)
 
     def _nf4_saved_as_nf4(self):
         """QLoRA training, eager: autograd keeps NF4 weights 4-bit (lorafx/nf4_memory.py)."""
@@ -199,8 +214,11 @@ class LoraModel(torch.nn.Module):
         """LoRA parameters with PEFT-style names: `model.layers.0.self_attn.q_proj.lora_A.weight`
         (with an IA3Spec the (IA)³ vectors `<path>.ia3_l`, with a VeraSpec `<path>.vera_lambda_b` / `_d`)."""
         suffixes = (".lora_magnitude_vector", ".ia3_l", ".vera_lambda_b", ".vera_lambda_d")
+        saves = getattr(self.spec, "saves", None)  # modules_to_save: trained in full
         for name, p in self.graph_module.named_parameters():
             if ".lora_A." in name or ".lora_B." in name or name.endswith(suffixes):
+                yield name, p
+            elif saves is not None and saves(name.rpartition(".")[0]):
                 yield name, p
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

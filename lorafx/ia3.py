@@ -53,7 +53,7 @@ class TargetSelection:
         """True when the module at `path` is a target and not excluded."""
         return _matches(self.targets, path) and not (self.exclude and _matches(self.exclude, path))
 
-    def resolved(self, output_head: str | None):
+    def resolved(self, output_head: str | None, model_class: str = ""):
         """The spec with PEFT's default filled in: "all-linear" leaves out the output head."""
         head = [output_head] if output_head else []
         exclude = self.exclude if self.exclude is not None else (head if self.targets == ALL_LINEAR else [])

@@ -80,7 +80,7 @@ def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None,
     model.eval()
     captured = capture(model)
     gm = captured.graph_module
-    spec = spec.resolved(captured.output_head)
+    spec = spec.resolved(captured.output_head, type(model).__name__)
     match_linears(gm, spec)
     sites = {n.meta[LINEAR].path: n.meta[LINEAR] for n in gm.graph.nodes if LINEAR in n.meta}
     _stream(gm, directory, spec, sites, dtype, progress)

@@ -20,6 +20,12 @@ COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 CHECKPOINT = (None, "layer")
 BIASES = ("none",)
 ALL_LINEAR = "all-linear"
+# PEFT's modules_to_save default per task model (PeftModelFor*): the new head, trained in full.
+TASK_HEADS = {
+    "ForSequenceClassification": ("classifier", "score"),
+    "ForTokenClassification": ("classifier", "score"),
+    "ForQuestionAnswering": ("qa_outputs",),
+}
 
 
 def _fail(field: str, value, allowed: str):
@@ -52,6 +58,10 @@ class LoraSpec:
     compute_dtype: dtype the NF4 weights dequantize to and the linear runs in; None means
         bfloat16 on CUDA and the weight's own dtype elsewhere. LoRA weights use it too.
     checkpoint: "layer" recomputes each decoder layer in the backward (activation checkpointing).
+    modules_to_save: modules trained in full (not LoRA, not NF4) and saved in the adapter, as
+        PEFT's `modules_to_save` (list of module-name suffixes, or a regex). None means PEFT's
+        task default: the new head of a sequence/token classifier ("classifier", "score") or
+        of question answering ("qa_outputs"); nothing for other models.
     """
 
     r: int = 8
@@ -70,6 +80,7 @@ class LoraSpec:
     quantize_skip: str | Sequence[str] | None = None
     checkpoint: str | None = None
     loftq_iter: int = 1
+    modules_to_save: str | Sequence[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -110,6 +121,10 @@ class LoraSpec:
             _fail("compute_dtype", self.compute_dtype, "None, torch.float32, torch.bfloat16 or torch.float16")
         if self.quantize_skip is not None:
             object.__setattr__(self, "quantize_skip", _check_selector("quantize_skip", self.quantize_skip))
+        if self.modules_to_save is not None:
+            if self.modules_to_save == ALL_LINEAR:
+                _fail("modules_to_save", self.modules_to_save, "module-name suffixes or a regex, not 'all-linear'")
+            object.__setattr__(self, "modules_to_save", _check_selector("modules_to_save", self.modules_to_save))
         if self.checkpoint not in CHECKPOINT:
             _fail("checkpoint", self.checkpoint, "None or 'layer'")
         if self.init == "loftq" and self.quantize != "nf4":
@@ -131,20 +146,39 @@ class LoraSpec:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
     def selects(self, path: str) -> bool:
-        """True when the module at `path` is a target and not excluded."""
-        return _matches(self.targets, path) and not (self.exclude and _matches(self.exclude, path))
+        """True when the module at `path` is a target and not excluded (nor trained in full)."""
+        return (
+            _matches(self.targets, path)
+            and not (self.exclude and _matches(self.exclude, path))
+            and not self.saves(path)
+        )
 
     def quantizes(self, path: str) -> bool:
         """True when the frozen weight of the linear layer at `path` is stored as NF4."""
-        return self.quantize == "nf4" and not (self.quantize_skip and _matches(self.quantize_skip, path))
+        return (
+            self.quantize == "nf4"
+            and not (self.quantize_skip and _matches(self.quantize_skip, path))
+            and not self.saves(path)
+        )
 
-    def resolved(self, output_head: str | None) -> "LoraSpec":
-        """The spec with PEFT's / bitsandbytes' defaults filled in for a model whose output
-        head is at `output_head`: all-linear excludes it from LoRA, NF4 keeps it full precision."""
+    def saves(self, path: str) -> bool:
+        """True when the module at `path` is in modules_to_save (or inside one): trained in full and saved."""
+        if not self.modules_to_save:
+            return False
+        parts = path.split(".")
+        return any(_matches(self.modules_to_save, ".".join(parts[:i])) for i in range(len(parts), 0, -1))
+
+    def resolved(self, output_head: str | None, model_class: str = "") -> "LoraSpec":
+        """The spec with PEFT's / bitsandbytes' defaults filled in for a model of class
+        `model_class` whose output head is at `output_head`: all-linear excludes the head from
+        LoRA, NF4 keeps it full precision, a task model's new head is in modules_to_save."""
         head = [output_head] if output_head else []
         exclude = self.exclude if self.exclude is not None else (head if self.targets == ALL_LINEAR else [])
         skip = self.quantize_skip if self.quantize_skip is not None else head
-        return dataclasses.replace(self, exclude=exclude, quantize_skip=skip)
+        saved = self.modules_to_save
+        if saved is None:
+            saved = next((heads for suffix, heads in TASK_HEADS.items() if model_class.endswith(suffix)), ())
+        return dataclasses.replace(self, exclude=exclude, quantize_skip=skip, modules_to_save=saved)
 
     @classmethod
     def from_peft_config(cls, config) -> "LoraSpec":
@@ -172,6 +206,7 @@ class LoraSpec:
             loftq_iter=loftq.get("loftq_iter", 1) if init == "loftq" else 1,
             quantize="nf4" if init == "loftq" else None,  # PEFT's LoftQ is QLoRA: its base is 4-bit
             bias=config.get("bias", "none"),
+            modules_to_save=config.get("modules_to_save"),
         )
 
 

@@ -32,8 +32,7 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
             f"LoraSpec.targets={spec.targets!r} (exclude={spec.exclude!r}) matches no linear layer. "
             f"Linear layers in this model: {', '.join(names) if names else 'none'}"
         )
-    for p in gm.parameters():
-        p.requires_grad_(False)
+    saved = _unfreeze_modules_to_save(gm, spec)
     modules = set()
     for node in selected:
         site = node.meta[LINEAR]
@@ -43,7 +42,24 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
         _insert_branch(gm, node, site.path, spec)
     gm.graph.lint()
     gm.recompile()
-    return PassResult("insert_lora", {"linear": len(sites), "lora": len(selected), "modules": len(modules)})
+    counts = {"linear": len(sites), "lora": len(selected), "modules": len(modules), "saved": saved}
+    return PassResult("insert_lora", counts)
+
+
+def _unfreeze_modules_to_save(gm, spec) -> int:
+    """Freeze the base; the parameters of spec.modules_to_save train in full (PEFT's
+    modules_to_save). Returns how many parameters that is; a list that names no module fails."""
+    saved = 0
+    for name, p in gm.named_parameters():
+        train = spec.saves(name.rpartition(".")[0])
+        p.requires_grad_(train)
+        saved += train
+    if spec.modules_to_save and not saved:
+        raise NoTargetError(
+            f"LoraSpec.modules_to_save={spec.modules_to_save!r} matches no module with parameters; "
+            "name the module(s) to train in full, e.g. ['score'], or pass modules_to_save=[]"
+        )
+    return saved
 
 
 def _add_lora_modules(gm, node, site, spec):

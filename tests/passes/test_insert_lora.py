@@ -12,7 +12,7 @@ def test_inserts_one_tagged_branch_per_selected_layer():
     match_linears(gm)
     before = len(gm.graph.nodes)
     spec = lorafx.LoraSpec(r=2, alpha=4, dropout=0.1, targets=["q_proj", "v_proj"])
-    assert insert_lora(gm, spec).counts == {"linear": 15, "lora": 4, "modules": 4}
+    assert insert_lora(gm, spec).counts == {"linear": 15, "lora": 4, "modules": 4, "saved": 0}
     assert len(gm.graph.nodes) == before + 4 * 7
     roles = [n.meta[LORA][1] for n in gm.graph.nodes if LORA in n.meta]
     assert roles.count("add") == 4 and roles.count("dropout") == 4

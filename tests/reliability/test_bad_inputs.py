@@ -201,7 +201,7 @@ def test_huge_r_is_allowed_as_in_peft(tmp_path):
     ({"input_ids": torch.zeros(5, dtype=torch.long)}, "input_ids must be a 2-D tensor"),
     ({"input_ids": torch.zeros(2, 5)}, "input_ids must hold integer token ids, got torch.float32"),
     ({"input_ids": token_batch(), "labels": torch.zeros(2, 3, dtype=torch.long)},
-     r"labels has shape \(2, 3\); it must match input_ids \(2, 7\)"),
+     r"labels has shape \(2, 3\); LlamaForCausalLM expects \(2, 7\), like input_ids"),
 ])
 def test_bad_call_inputs(llama, kwargs, message):
     with pytest.raises(ValueError, match=message):
