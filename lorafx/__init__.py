@@ -5,8 +5,8 @@ from .api import LoraModel, count_parameters, print_trainable_parameters, transf
 from .capture import CaptureError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .combine import combine_adapters
-from .diagnose import diagnose
-from .export import export
+from .diagnose import diagnose, format_table
+from .export import ExportError, export
 from .ia3 import IA3Spec
 from .loading import CheckpointError, from_pretrained
 from .loraplus import loraplus_param_groups
@@ -24,6 +24,8 @@ __all__ = [
     "count_parameters",
     "diagnose",
     "export",
+    "ExportError",
+    "format_table",
     "from_pretrained",
     "IA3Spec",
     "load_checkpoint",
