@@ -42,8 +42,9 @@ def combine_adapters(
     """Write the combination of the adapter folders `adapters` to the folder `out`; return it.
 
     `density` (0 < d ≤ 1) is required by ties, dare_* and magnitude_prune: the fraction of
-    entries each source keeps. `seed` drives DARE's random masks.
+    entries each source keeps. `seed` drives DARE's random masks. "dare" means "dare_linear".
     """
+    method = "dare_linear" if method == "dare" else method
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid: allowed is {', '.join(METHODS)}")
     if not adapters or len(adapters) != len(weights):
