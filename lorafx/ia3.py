@@ -124,19 +124,25 @@ class IA3Spec(TargetSelection):
 
 
 # -- PEFT's IA3 adapter format ---------------------------------------------------------------------
-def check_config(config, path: str) -> dict:
-    """The fields lorafx reads from a PEFT IA3Config dict are present."""
+def check_variant_config(config, path: str, peft_type: str, model: str, fields: tuple[str, ...]) -> dict:
+    """A PEFT config dict of `peft_type` with every field in `fields`, for a `model` (e.g. "a VeRA model")."""
     if not isinstance(config, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    if config.get("peft_type") != "IA3":
+    if config.get("peft_type") != peft_type:
         raise AdapterError(
-            f"{path}: peft_type={config.get('peft_type')!r}, but this is an (IA)³ model, which loads IA3 adapters "
+            f"{path}: peft_type={config.get('peft_type')!r}, but this is {model}, which loads {peft_type} adapters "
             f"only{wrong_type_hint(config)}"
         )
-    for field in ("target_modules", "feedforward_modules"):
+    for field in fields:
         if config.get(field) is None:
-            raise AdapterError(f"{path} has no {field!r} field (PEFT fills it from its per-model defaults on save)")
+            raise AdapterError(f"{path} has no {field!r} field")
     return config
+
+
+def check_config(config, path: str) -> dict:
+    """The fields lorafx reads from a PEFT IA3Config dict are present (PEFT fills the module
+    lists from its per-model defaults on save)."""
+    return check_variant_config(config, path, "IA3", "an (IA)³ model", ("target_modules", "feedforward_modules"))
 
 
 def peft_config(lm) -> dict:

@@ -26,7 +26,7 @@ from .adapters import (
     read_tensors,
     write_adapter,
 )
-from .ia3 import TargetSelection, _selector, wrong_type_hint
+from .ia3 import TargetSelection, _selector, check_variant_config
 from .spec import ALL_LINEAR
 
 PROJECTION_PREFIX = "base_model."  # PEFT's keys for the shared matrices: base_model.vera_A / vera_B
@@ -96,16 +96,7 @@ class VeraSpec(TargetSelection):
 # -- PEFT's VERA adapter format --------------------------------------------------------------------
 def check_config(config, path: str) -> dict:
     """The fields lorafx reads from a PEFT VeraConfig dict are present and supported."""
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    if config.get("peft_type") != "VERA":
-        raise AdapterError(
-            f"{path}: peft_type={config.get('peft_type')!r}, but this is a VeRA model, which loads VERA adapters "
-            f"only{wrong_type_hint(config)}"
-        )
-    for field in ("r", "target_modules"):
-        if config.get(field) is None:
-            raise AdapterError(f"{path} has no {field!r} field")
+    check_variant_config(config, path, "VERA", "a VeRA model", ("r", "target_modules"))
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias={config['bias']!r}; lorafx supports VeRA with bias='none' only")
     if config.get("layers_to_transform") is not None:

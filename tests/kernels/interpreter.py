@@ -18,6 +18,20 @@ import triton
 from safetensors.torch import load_file, save_file
 
 
+# (atol, rtol) per dtype, kernel vs reference, for outputs of magnitude up to ~10. float32:
+# both accumulate in float32, in a different order. bfloat16/float16: the kernel rounds once
+# from float32 where the reference rounds every intermediate (base output, x·Aᵀ, ·Bᵀ,
+# ·scale, sum), and the interpreter truncates float32 -> bfloat16 instead of rounding: up to
+# two ulps of the O(5) intermediates (bfloat16: 2 · 2^-5; float16: 2 · 2^-8) where they cancel.
+TOLERANCE = {
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (6e-2, 2e-2),
+    torch.float16: (1e-2, 4e-3),
+}
+# On a GPU K is 4096..11008: float32 sums of that length in another order (Triton tiles vs cuBLAS).
+GPU_TOLERANCE = {**TOLERANCE, torch.float32: (1e-4, 1e-4)}
+
+
 def interpret_cases(path: str, launchers: dict, cases, case_ids, run_case, extra=None) -> None:
     """In the child: run_case(case) → {name: (kernel result, reference)} for every case, saved to
     `path` as "<case id>/<name>/kernel" and ".../ref"; `extra()` adds more tensors."""

@@ -11,20 +11,12 @@ import sys
 
 import pytest
 import torch
-from interpreter import interpret_cases, interpreted_results
+from interpreter import GPU_TOLERANCE, TOLERANCE, interpret_cases, interpreted_results
 
 from lorafx.kernels import lora_linear as K
 from lorafx.kernels import lora_matmul as LM
 
 OP = torch.ops.lorafx.lora_linear.default
-
-# (atol, rtol) per dtype; the reasoning is test_nf4_lora_linear.py's (same kernel, same inputs' scale).
-TOLERANCE = {
-    torch.float32: (2e-5, 2e-5),
-    torch.bfloat16: (6e-2, 2e-2),
-    torch.float16: (1e-2, 4e-3),
-}
-GPU_TOLERANCE = {**TOLERANCE, torch.float32: (1e-4, 1e-4)}
 
 
 @dataclasses.dataclass(frozen=True)
