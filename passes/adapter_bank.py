@@ -17,7 +17,7 @@ import types
 import torch
 
 from .checkpoint_layers import inline_checkpointed_layers
-from .common import LINEAR, LORA, PassResult, aten, input_node
+from .common import LINEAR, LORA, PassResult, aten, input_node, remove_tagged
 from .fuse_nf4_lora import unfuse_nf4_lora
 from .insert_lora import _insert_branch
 
@@ -70,27 +70,10 @@ def strip_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     the base model's graph. Checkpointed layers are inlined and fused ops unfused first."""
     inline_checkpointed_layers(gm)
     unfuse_nf4_lora(gm)
-    removed, owners = 0, set()
-    for node in list(gm.graph.nodes):
-        tag = node.meta.get(LORA) or node.meta.get(BANK)
-        if tag and tag[1] == "add":
-            node.replace_all_uses_with(node.args[0])
-    for node in reversed(list(gm.graph.nodes)):
-        tag = node.meta.get(LORA) or node.meta.get(BANK)
-        if tag:
-            owners.add(tag[0])
-            gm.graph.erase_node(node)
-            removed += 1
-    for path in owners:
-        owner = gm.get_submodule(path)
-        for name in LORA_MODULES:
-            if hasattr(owner, name):
-                delattr(owner, name)
+    counts = remove_tagged(gm, (LORA, BANK), ("add",), LORA_MODULES)
     if IDS in gm._buffers:
         del gm._buffers[IDS]
-    gm.graph.lint()
-    gm.recompile()
-    return PassResult("strip_lora", {"modules": len(owners), "nodes_removed": removed})
+    return PassResult("strip_lora", {"modules": counts["modules"], "nodes_removed": counts["nodes_removed"]})
 
 
 def add_banks(gm: torch.fx.GraphModule, paths) -> PassResult:

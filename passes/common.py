@@ -71,3 +71,32 @@ def free_submodule_name(gm: torch.nn.Module, name: str) -> str:
         except AttributeError:
             return candidate
         candidate, i = f"{name}{i}", i + 1
+
+
+def remove_tagged(gm: torch.fx.GraphModule, keys: tuple[str, ...], ends: tuple[str, ...], attributes=()) -> dict:
+    """Undo an inserted subgraph without folding it: every node tagged meta[key] = (path, role)
+    for a key in `keys` goes; the `ends` roles (the node whose output replaced the layer's, e.g.
+    "add") hand their uses back to their first argument; each owner module loses `attributes`.
+    Returns counts {"bypassed", "nodes_removed", "modules"} (the graph is recompiled)."""
+
+    def tag(node):
+        return next((node.meta[k] for k in keys if k in node.meta), None)
+
+    bypassed, removed, owners = 0, 0, set()
+    for node in list(gm.graph.nodes):
+        if (t := tag(node)) is not None and t[1] in ends:
+            node.replace_all_uses_with(node.args[0])
+            bypassed += 1
+    for node in reversed(list(gm.graph.nodes)):
+        if (t := tag(node)) is not None:
+            owners.add(t[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    for path in owners:
+        owner = gm.get_submodule(path)
+        for name in attributes:
+            if hasattr(owner, name):
+                delattr(owner, name)
+    gm.graph.lint()
+    gm.recompile()
+    return {"bypassed": bypassed, "nodes_removed": removed, "modules": len(owners)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import LINEAR, PassResult, aten, fetch_attr, input_node, weight_node, weight_value
+from .common import LINEAR, PassResult, aten, fetch_attr, input_node, remove_tagged, weight_node, weight_value
 from .insert_lora import NoTargetError
 
 IA3 = "lorafx.ia3"  # node.meta on every node insert_ia3 adds: (module path, role)
@@ -109,19 +109,5 @@ def merge_ia3(gm: torch.fx.GraphModule, spec=None) -> PassResult:
 def strip_ia3(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     """Remove every (IA)³ node and vector without folding anything: the base model's graph
     (what `disable_adapters()` runs, and merge_ia3's last step)."""
-    scaled = removed = 0
-    owners = set()
-    for node in list(gm.graph.nodes):
-        if node.meta.get(IA3, (None, None))[1] in ("input", "output"):
-            node.replace_all_uses_with(node.args[0])
-            scaled += 1
-    for node in reversed(list(gm.graph.nodes)):
-        if IA3 in node.meta:
-            owners.add(node.meta[IA3][0])
-            gm.graph.erase_node(node)
-            removed += 1
-    for path in owners:
-        delattr(gm.get_submodule(path), VECTOR)
-    gm.graph.lint()
-    gm.recompile()
-    return PassResult("strip_ia3", {"scales": scaled, "nodes_removed": removed})
+    counts = remove_tagged(gm, (IA3,), ("input", "output"), (VECTOR,))
+    return PassResult("strip_ia3", {"scales": counts["bypassed"], "nodes_removed": counts["nodes_removed"]})

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .common import LINEAR, PassResult, aten, fetch_attr, input_node, weight_node, weight_value
+from .common import LINEAR, PassResult, aten, fetch_attr, input_node, remove_tagged, weight_node, weight_value
 from .insert_lora import NoTargetError
 
 VERA = "lorafx.vera"  # node.meta on every node insert_vera adds: (module path, role)
@@ -121,24 +121,8 @@ def merge_vera(gm: torch.fx.GraphModule, spec=None) -> PassResult:
 def strip_vera(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     """Remove every VeRA branch, its per-layer modules and the shared projections, folding nothing:
     the base model's graph (what `disable_adapters()` runs, and merge_vera's last step)."""
-    branches = removed = 0
-    owners = set()
-    for node in list(gm.graph.nodes):
-        if node.meta.get(VERA, (None, None))[1] == "add":
-            node.replace_all_uses_with(node.args[0])
-            branches += 1
-    for node in reversed(list(gm.graph.nodes)):
-        if VERA in node.meta:
-            owners.add(node.meta[VERA][0])
-            gm.graph.erase_node(node)
-            removed += 1
-    for path in owners:
-        owner = gm.get_submodule(path)
-        for name in LAYER_NAMES:
-            delattr(owner, name)
+    counts = remove_tagged(gm, (VERA,), ("add",), LAYER_NAMES)
     for name in PROJECTIONS:
         if name in gm._buffers:
             del gm._buffers[name]
-    gm.graph.lint()
-    gm.recompile()
-    return PassResult("strip_vera", {"branches": branches, "nodes_removed": removed})
+    return PassResult("strip_vera", {"branches": counts["bypassed"], "nodes_removed": counts["nodes_removed"]})
