@@ -98,6 +98,42 @@ def _variant(spec):
     return next((m for m, cls in ((ia3, ia3.IA3Spec), (vera, vera.VeraSpec)) if isinstance(spec, cls)), None)
 
 
+def converted_to_lora(lm, initial_dir) -> tuple[dict[str, torch.Tensor], dict]:
+    """PEFT's path_initial_model_for_weight_conversion: a PiSSA model's adapter as a plain LoRA
+    adapter for the ORIGINAL base. With W = W_res + s·B0·A0 at init and W_res + s·B·A after
+    training, ΔW = s·(B·A − B0·A0) = s·[B | −B0]·[A ; A0]: rank 2r, same scale (alpha doubles,
+    ×√2 under rsLoRA). `initial_dir` is the adapter saved right after transform."""
+    spec = lm.spec
+    if spec.init == "loftq" or spec.use_dora:
+        what = "LoftQ's base is NF4(W), not W" if spec.init == "loftq" else "DoRA's magnitude rescales W"
+        raise AdapterError(f"cannot convert to a plain LoRA adapter: {what}, so no LoRA update reproduces it")
+    initial_dir = os.fspath(initial_dir)
+    config = read_config(initial_dir)
+    theirs = (config["r"], config["lora_alpha"], bool(config.get("use_rslora", False)))
+    if theirs != (spec.r, spec.alpha, spec.use_rslora):
+        raise AdapterError(
+            f"{initial_dir} has r={theirs[0]}, lora_alpha={theirs[1]}, use_rslora={theirs[2]}; the model has "
+            f"r={spec.r}, alpha={spec.alpha}, use_rslora={spec.use_rslora}: not this model's initial adapter"
+        )
+    initial, trained = read_tensors(initial_dir), adapter_tensors(lm)
+    if initial.keys() != trained.keys():
+        missing = sorted(set(trained) ^ set(initial))[0]
+        raise AdapterError(f"{initial_dir} and the model differ in {missing!r}: not this model's initial adapter")
+    tensors = {}
+    for key, value in trained.items():
+        if initial[key].shape != value.shape:
+            raise AdapterError(f"{initial_dir}: {key} has shape {tuple(initial[key].shape)}, the model {tuple(value.shape)}")
+        if ".lora_A." in key:
+            tensors[key] = torch.cat([value, initial[key].to(value.dtype)], dim=0)
+        elif ".lora_B." in key:
+            tensors[key] = torch.cat([value, -initial[key].to(value.dtype)], dim=1)
+        else:  # modules_to_save: trained in full, as they are
+            tensors[key] = value
+    config = peft_config(lm)
+    config.update(r=2 * spec.r, lora_alpha=spec.alpha * (2**0.5 if spec.use_rslora else 2), init_lora_weights=True)
+    return tensors, config
+
+
 def write_adapter(directory, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """Both files of a PEFT adapter folder, atomically."""
     directory = os.fspath(directory)

@@ -239,10 +239,18 @@ class LoraModel(torch.nn.Module):
         return list(seen)
 
     # -- adapters and deployment ----------------------------------------------------------
-    def save_adapter(self, directory: str | os.PathLike, name: str | None = None) -> None:
+    def save_adapter(self, directory: str | os.PathLike, name: str | None = None, convert_from=None) -> None:
         """Write adapter_model.safetensors + adapter_config.json exactly as PEFT does: the
-        model's adapter, or with named adapters loaded the one called `name` (default: active)."""
-        if self._adapters is None:
+        model's adapter, or with named adapters loaded the one called `name` (default: active).
+
+        `convert_from`: the adapter folder saved right after transform with init="pissa":
+        writes the trained update as a plain rank-2r LoRA adapter for the original base
+        model (PEFT's path_initial_model_for_weight_conversion)."""
+        if convert_from is not None:
+            if self._adapters is not None or _variant(self.spec) is not None:
+                raise ValueError("convert_from= converts the model's own LoRA adapter (no named adapters, no IA3/VeRA)")
+            adapters.write_adapter(directory, *adapters.converted_to_lora(self, convert_from))
+        elif self._adapters is None:
             if name not in (None, multi_adapter.DEFAULT):
                 multi_adapter.set_active(self, name)  # raises KeyError naming the adapters
             adapters.save_adapter(self, directory)

@@ -221,3 +221,25 @@ def test_merge_folds_the_trained_update_into_the_residual():
     update = 2.0 * (v.lora_B.weight @ v.lora_A.weight - b0 @ a0)
     torch.testing.assert_close(merged.graph_module.get_submodule("model.layers.1.self_attn.v_proj").weight,
                                original + update, rtol=0, atol=1e-5)
+
+
+def test_pissa_adapter_converts_to_a_plain_lora_adapter_for_the_original_base(tmp_path):
+    """PEFT's path_initial_model_for_weight_conversion: [A; A0], [B, -B0], r and alpha doubled."""
+    lm = lorafx.transform(tiny_model("llama"), lorafx.LoraSpec(r=4, alpha=8, init="pissa", targets=["q_proj", "v_proj"]))
+    lm.save_adapter(tmp_path / "init")
+    with torch.no_grad():
+        for _, p in lm.named_lora_parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # "training"
+    lm.save_adapter(tmp_path / "lora", convert_from=tmp_path / "init")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
+    original = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "lora").eval()
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(original(input_ids=ids).logits, lm.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+    loftq = lorafx.transform(tiny_model("llama"), lorafx.LoraSpec(r=4, init="loftq", quantize="nf4"))
+    with pytest.raises(lorafx.AdapterError, match="LoftQ's base is NF4"):
+        loftq.save_adapter(tmp_path / "x", convert_from=tmp_path / "init")
+    other = lorafx.transform(tiny_model("llama"), lorafx.LoraSpec(r=2, init="pissa"))
+    with pytest.raises(lorafx.AdapterError, match="not this model's initial adapter"):
+        other.save_adapter(tmp_path / "y", convert_from=tmp_path / "init")
