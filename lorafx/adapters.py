@@ -80,22 +80,17 @@ def _target_modules(lora_paths: list[str], linear_paths: list[str]) -> list[str]
 
 
 def save_adapter(lm, directory) -> None:
-    variant = _variant(lm.spec)
+    from .variants import variant_of  # it imports the format modules, which import this one
+
+    variant = variant_of(lm.spec)
     if variant is not None:
-        return variant.save_adapter(lm, directory)
+        return variant.files.save_adapter(lm, directory)
     write_adapter(directory, adapter_tensors(lm), peft_config(lm))
 
 
 def adapter_tensors(lm) -> dict[str, torch.Tensor]:
     """lm.named_lora_parameters() under PEFT's keys, on the CPU."""
     return {KEY_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in lm.named_lora_parameters()}
-
-
-def _variant(spec):
-    """The module with the adapter format of a non-LoRA spec (lorafx.ia3, lorafx.vera), None for a LoraSpec."""
-    from . import ia3, vera  # they import this module
-
-    return next((m for m, cls in ((ia3, ia3.IA3Spec), (vera, vera.VeraSpec)) if isinstance(spec, cls)), None)
 
 
 def converted_to_lora(lm, initial_dir) -> tuple[dict[str, torch.Tensor], dict]:
@@ -210,9 +205,11 @@ def read_tensors(directory: str) -> dict[str, torch.Tensor]:
 def load_adapter(lm, directory) -> None:
     """Check everything first (config, key set, shapes), then copy: no partial loads."""
     directory = os.fspath(directory)
-    variant = _variant(lm.spec)
+    from .variants import variant_of
+
+    variant = variant_of(lm.spec)
     if variant is not None:
-        return variant.load_adapter(lm, directory)
+        return variant.files.load_adapter(lm, directory)
     config = read_config(directory)
     spec = lm.spec
     if config["r"] != spec.r:

@@ -6,55 +6,31 @@ import contextlib
 import copy
 import itertools
 import os
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator
 
 import torch
 
 from lorafx.passes import (
-    IA3_TRANSFORM_PASSES,
     TRANSFORM_PASSES,
-    VERA_TRANSFORM_PASSES,
     PassResult,
     graph_nodes,
     inline_checkpointed_layers,
-    merge_ia3,
     merge_lora,
-    merge_vera,
     run_passes,
-    strip_ia3,
-    strip_vera,
     unfuse_nf4_lora,
 )
-from lorafx.passes.common import LINEAR, LORA, LinearSite
-
 from lorafx.passes.adapter_bank import strip_lora, unbank
+from lorafx.passes.common import LINEAR, LORA, LinearSite
 
 from . import adapters, multi_adapter
 from .capture import Captured, capture
 from .ia3 import IA3Spec
 from .nf4_memory import saved_nf4_weights
 from .spec import LoraSpec
+from .variants import VARIANTS, variant_of
 from .vera import VeraSpec
 
 GRAPH_PREFIX = "graph_module."
-
-
-class Variant(NamedTuple):
-    """The passes of an adapter type other than LoRA (its adapter files: lorafx/adapters.py dispatches)."""
-
-    passes: list  # what transform runs
-    merge: Callable  # what merge() runs on its copy
-    strip: Callable  # removes the adapter, folding nothing: disable_adapters()'s base graph
-
-
-VARIANTS = {
-    IA3Spec: Variant(IA3_TRANSFORM_PASSES, merge_ia3, strip_ia3),
-    VeraSpec: Variant(VERA_TRANSFORM_PASSES, merge_vera, strip_vera),
-}
-
-
-def _variant(spec) -> Variant | None:
-    return next((v for cls, v in VARIANTS.items() if isinstance(spec, cls)), None)
 
 
 def transform(
@@ -68,7 +44,7 @@ def transform(
 
     Hugging Face models need no example inputs (one is made from the config, with dynamic
     batch and sequence length). Base parameters are frozen in place, as PEFT does.
-    An IA3Spec or VeraSpec gives (IA)³ or VeRA instead of LoRA (VARIANTS).
+    An IA3Spec or VeraSpec gives (IA)³ or VeRA instead of LoRA (lorafx/variants.py).
     """
     if not isinstance(spec, (LoraSpec, *VARIANTS)):
         raise TypeError(f"spec must be a lorafx.LoraSpec, IA3Spec or VeraSpec, got {type(spec).__name__}")
@@ -76,7 +52,7 @@ def transform(
         raise TypeError("model is already a LoraModel; transform the original model instead")
     captured = capture(model, example_args, example_kwargs, dynamic_shapes)
     spec = spec.resolved(captured.output_head, type(model).__name__)
-    variant = _variant(spec)
+    variant = variant_of(spec)
     results = run_passes(captured.graph_module, spec, variant.passes if variant else TRANSFORM_PASSES)
     lm = LoraModel(captured, spec, model)
     lm.pass_results = results
@@ -170,7 +146,7 @@ class LoraModel(torch.nn.Module):
         if self._base_view is None:
             shared = {id(t): t for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers())}
             view = copy.deepcopy(self.graph_module, shared)
-            variant = _variant(self.spec)
+            variant = variant_of(self.spec)
             (variant.strip if variant else strip_lora)(view)
             self.__dict__["_base_view"] = view
         return self._base_view.train(self.training)
@@ -247,7 +223,7 @@ class LoraModel(torch.nn.Module):
         writes the trained update as a plain rank-2r LoRA adapter for the original base
         model (PEFT's path_initial_model_for_weight_conversion)."""
         if convert_from is not None:
-            if self._adapters is not None or _variant(self.spec) is not None:
+            if self._adapters is not None or variant_of(self.spec) is not None:
                 raise ValueError("convert_from= converts the model's own LoRA adapter (no named adapters, no IA3/VeRA)")
             adapters.write_adapter(directory, *adapters.converted_to_lora(self, convert_from))
         elif self._adapters is None:
@@ -270,7 +246,7 @@ class LoraModel(torch.nn.Module):
             if self._adapters is not None:
                 raise ValueError("this model holds named adapters; give load_adapter a name")
             adapters.load_adapter(self, directory)
-        elif _variant(self.spec) is not None:
+        elif variant_of(self.spec) is not None:
             kind = type(self.spec).__name__
             raise adapters.AdapterError(f"named adapters are LoRA only; this model has a {kind}: load_adapter(dir)")
         else:
@@ -317,7 +293,7 @@ class LoraModel(torch.nn.Module):
         """
         merged = copy.deepcopy(self)
         merged.__dict__["_base_view"] = None
-        variant = _variant(self.spec)
+        variant = variant_of(self.spec)
         if variant is not None:  # (IA)³ / VeRA: their own merge pass
             merged.pass_results = [variant.merge(merged.graph_module, self.spec)]
             return merged
