@@ -164,7 +164,8 @@ def write_ids(lm, batch: int, adapter_ids) -> None:
     elif isinstance(adapter_ids, (list, tuple)):
         ids = [_row_id(v, listed) for v in adapter_ids]
     else:
-        raise TypeError(f"adapter_ids must be a list of adapter names/indices or an integer tensor, got {type(adapter_ids).__name__}")
+        got = type(adapter_ids).__name__
+        raise TypeError(f"adapter_ids must be a list of adapter names/indices or an integer tensor, got {got}")
     if len(ids) != batch:
         raise ValueError(f"adapter_ids has {len(ids)} entries but the batch has {batch} rows")
     bad = [i for i in ids if not -1 <= i < len(listed)]

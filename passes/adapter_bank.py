@@ -20,11 +20,12 @@ from .checkpoint_layers import inline_checkpointed_layers
 from .common import LINEAR, LORA, PassResult, aten, input_node, remove_tagged
 from .fuse_nf4_lora import unfuse_nf4_lora
 from .insert_lora import _insert_branch
+from .merge_lora import LORA_MODULES as MERGED_MODULES
 
 BANK = "lorafx.bank"  # node.meta on the nodes add_banks inserts: (module path, role)
 BANK_MODULE = "lora_bank"  # the LoraBank of "model.layers.0.self_attn.q_proj" is "<path>.lora_bank"
 IDS = "lora_adapter_ids"  # graph_module buffer: adapter slot per batch row, -1 = base model
-LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", BANK_MODULE)
+LORA_MODULES = (*MERGED_MODULES, BANK_MODULE)  # what strip_lora removes from a layer
 
 
 class LoraBank(torch.nn.Module):

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import torch
 
-from .common import LORA, PassResult, aten, fetch_attr, weight_node, weight_value
+from .common import LORA, PassResult, aten, fetch_attr, remove_tagged, weight_node, weight_value
 from .quantize_nf4 import STORAGE
+
+LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")  # what insert_lora adds to a layer
 
 
 def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
@@ -18,7 +20,6 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
         if LORA in node.meta:
             path, role = node.meta[LORA]
             branches.setdefault(path, {}).setdefault(role, node)
-    merged_nodes = removed = 0
     for path, roles in branches.items():
         owner = gm.get_submodule(path)
         base = roles["add"].args[0]
@@ -38,24 +39,14 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
                 owner.weight.copy_(merged.to(owner.weight.dtype))
         else:
             _unquantize(gm, owner, weight, merged)
-        for name in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"):
-            if hasattr(owner, name):
-                delattr(owner, name)
-    # Every LoRA branch (each call of a shared layer has one) ends in an `add` node.
-    for node in list(gm.graph.nodes):
-        if node.meta.get(LORA, (None, None))[1] == "add":
-            node.replace_all_uses_with(node.args[0])
-            merged_nodes += 1
-    for node in reversed(list(gm.graph.nodes)):
-        if LORA in node.meta:
-            gm.graph.erase_node(node)
-            removed += 1
-    for node in reversed(list(gm.graph.nodes)):
+    for node in reversed(list(gm.graph.nodes)):  # NF4 buffers that only the replaced dequants read
         if node.op == "get_attr" and not node.users and f".{STORAGE}." in node.target:
             gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    return PassResult("merge_lora", {"modules": len(branches), "branches": merged_nodes, "nodes_removed": removed})
+    # Every LoRA branch (each call of a shared layer has one) ends in an `add` node.
+    counts = remove_tagged(gm, (LORA,), ("add",), LORA_MODULES)
+    return PassResult(
+        "merge_lora", {"modules": len(branches), "branches": counts["bypassed"], "nodes_removed": counts["nodes_removed"]}
+    )
 
 
 def _unquantize(gm, owner, dequant: torch.fx.Node, merged: torch.Tensor) -> None:

@@ -63,7 +63,8 @@ def test_training_moves_the_saved_head_and_lora_only():
 def test_explicit_modules_to_save_on_a_causal_lm_and_bad_values():
     lm = lorafx.transform(tiny_model("llama"), lorafx.LoraSpec(r=4, targets=["q_proj"], modules_to_save=["lm_head"]))
     assert [name for name, _ in lm.named_lora_parameters() if "lora" not in name] == ["lm_head.weight"]
-    assert lorafx.transform(classifier(), lorafx.LoraSpec(r=4, modules_to_save=[])).graph_module.score.weight.requires_grad is False
+    none_saved = lorafx.transform(classifier(), lorafx.LoraSpec(r=4, modules_to_save=[]))
+    assert none_saved.graph_module.score.weight.requires_grad is False
     with pytest.raises(ValueError, match="modules_to_save='all-linear' is invalid"):
         lorafx.LoraSpec(modules_to_save="all-linear")
     with pytest.raises(NoTargetError, match=r"modules_to_save=\('head',\) matches no module"):

@@ -86,7 +86,9 @@ def run_case(case: Case) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def interpret_all(path: str) -> None:
     """The subprocess: every case through the interpreted kernels, results saved to ``path``."""
-    interpret_cases(path, {"lorafx::lora_linear": K.lora_linear_cuda, "lorafx::lora_linear_grad_input": K.lora_linear_grad_input_cuda}, CASES, CASE_IDS, run_case)
+    launchers = {"lorafx::lora_linear": K.lora_linear_cuda,
+                 "lorafx::lora_linear_grad_input": K.lora_linear_grad_input_cuda}
+    interpret_cases(path, launchers, CASES, CASE_IDS, run_case)
 
 
 @pytest.fixture(scope="module")
