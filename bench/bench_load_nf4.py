@@ -32,7 +32,7 @@ def child(provider: str, folder: str) -> dict:
     import transformers
 
     import lorafx
-    from lorafx.memory import status_kib
+    from lorafx.runtime.memory import status_kib
 
     base = status_kib("VmRSS")
     spec = lorafx.LoraSpec(r=16, alpha=32, quantize="nf4")

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from lorafx.kernels import lora_matmul, nf4
 from lorafx.kernels.lora_linear import lora_linear
 from lorafx.kernels.nf4_lora_linear import nf4_lora_linear
-from lorafx.nf4 import quantize_nf4
+from lorafx.formats.nf4 import quantize_nf4
 
 SHAPES = {"4096->4096": (4096, 4096), "4096->11008": (4096, 11008), "14336->4096": (14336, 4096)}
 TOKENS = [1, 16, 4096, 16384]

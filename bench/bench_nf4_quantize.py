@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from lorafx.nf4 import quantize_nf4
+from lorafx.formats.nf4 import quantize_nf4
 
 SHAPES = [(4096, 4096), (4096, 11008)]
 DTYPES = [torch.float32, torch.bfloat16]

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from lorafx.files import write_atomically, write_text
+from lorafx.formats.files import write_atomically, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from lorafx.memory import reset_peak, status_kib
+from lorafx.runtime.memory import reset_peak, status_kib
 
 
 def measure_steps(model, params, vocab: int, batch: int, seq: int, steps: int) -> dict:

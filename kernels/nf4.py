@@ -108,7 +108,7 @@ def quantize_nf4_blocks(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
 
     Returns ``(packed, absmax)``: packed uint8 of shape ``(numel // 2, 1)`` and float32
     absmax of shape ``(numel // blocksize,)``. The caller guarantees a finite floating
-    ``w`` whose numel is a multiple of ``blocksize`` (``lorafx.nf4.quantize_nf4`` checks).
+    ``w`` whose numel is a multiple of ``blocksize`` (``lorafx.quantize_nf4`` checks).
     The scale is ``x * (1 / absmax)``, not ``x / absmax``: bitsandbytes multiplies by the
     reciprocal, and the two can differ in the last bit, moving a value across a midpoint. An
     all-zero block gets absmax 0 and code 7 (the NF4 zero) everywhere, i.e. bytes 0x77.
@@ -198,7 +198,7 @@ def check_nf4_args(
     """Raise ValueError unless the NF4 tensors and metadata describe one consistent weight.
 
     Shared by the op's real and fake implementations (so a bad call fails at trace time,
-    not inside a kernel) and by ``lorafx.nf4.NF4Weight``. Messages name the field, the
+    not inside a kernel) and by ``lorafx.NF4Weight``. Messages name the field, the
     value and what was expected.
     """
     check_blocksize(blocksize)

@@ -1,20 +1,21 @@
 """lorafx: compiler-style LoRA and QLoRA fine-tuning for PyTorch."""
 
-from .adapters import AdapterError
-from .api import LoraModel, count_parameters, print_trainable_parameters, transform
-from .capture import CaptureError
-from .checkpoint import load_checkpoint, save_checkpoint
-from .combine import combine_adapters
-from .diagnose import diagnose, format_table
-from .export import ExportError, export
-from .ia3 import IA3Spec
-from .loading import CheckpointError, from_pretrained
-from .loraplus import loraplus_param_groups
-from .nf4 import NF4Weight, quantize_nf4
-from .optim import make_optimizer
+from .core.capture import CaptureError
+from .core.model import LoraModel, count_parameters, print_trainable_parameters, transform
+from .core.pretrained import from_pretrained
+from .core.spec import LoraSpec
+from .formats.adapters import AdapterError
+from .formats.checkpoints import CheckpointError
+from .formats.nf4 import NF4Weight, quantize_nf4
+from .generation.export import ExportError, export
 from .passes import NoTargetError
-from .spec import LoraSpec
-from .vera import VeraSpec
+from .runtime.checkpoint import load_checkpoint, save_checkpoint
+from .runtime.loraplus import loraplus_param_groups
+from .runtime.optim import make_optimizer
+from .tools.combine import combine_adapters
+from .tools.diagnose import diagnose, format_table
+from .variants.ia3 import IA3Spec
+from .variants.vera import VeraSpec
 
 __all__ = [
     "AdapterError",

@@ -7,7 +7,7 @@ scale per adapter — and the graph-level buffer `lora_adapter_ids`: the adapter
 batch row, -1 for none. Choosing adapters is writing that buffer, and adding or removing
 one re-stacks the banks: neither re-captures the model nor changes the graph's code.
 
-The passes here are the graph surgery; lorafx/multi_adapter.py keeps the names and configs.
+The passes here are the graph surgery; lorafx/core/named_adapters.py keeps the names and configs.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafx.nf4 import quantize_nf4
+from lorafx.formats.nf4 import quantize_nf4
 
 from .common import LINEAR, PassResult
 

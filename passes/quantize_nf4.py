@@ -4,7 +4,7 @@ import dataclasses
 
 import torch
 
-from lorafx.nf4 import TENSOR_FIELDS, NF4Weight, quantize_nf4 as quantize_tensor
+from lorafx.formats.nf4 import TENSOR_FIELDS, NF4Weight, quantize_nf4 as quantize_tensor
 
 from .common import LINEAR, PassResult, aten, input_node, weight_node
 

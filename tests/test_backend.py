@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import lorafx
-from lorafx.backend import BackendOptionsError, lorafx_backend
+from lorafx.core.backend import BackendOptionsError, lorafx_backend
 
 # Compiled vs eager: Inductor fuses and reorders float math; bf16 rounds each intermediate.
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -51,7 +51,7 @@ def test_backend_is_found_by_name_without_importing_lorafx():
         "print(backend.__module__, backend.__name__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["lorafx.backend", "lorafx_backend"]
+    assert out.stdout.split() == ["lorafx.core.backend", "lorafx_backend"]
     assert lookup_backend("lorafx") is lorafx_backend
 
 

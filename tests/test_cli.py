@@ -14,8 +14,8 @@ import transformers
 
 import lorafx
 from conftest import tiny_model
-from lorafx import cli
-from lorafx.diagnose import diagnose, heat_colour
+from lorafx.tools import cli
+from lorafx.tools.diagnose import diagnose, heat_colour
 
 LORAFX = os.path.join(os.path.dirname(sys.executable), "lorafx")
 COMMANDS = ["demo", "inspect", "estimate", "merge", "export", "quantize", "diagnose"]

@@ -15,8 +15,8 @@ import torch
 import transformers
 
 import lorafx
-from lorafx.memory import reset_peak, status_kib
-from lorafx import cost
+from lorafx.runtime.memory import reset_peak, status_kib
+from lorafx.tools import cost
 
 MEASURED = dict(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=4)

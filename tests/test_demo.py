@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,9 @@ LORAFX = os.path.join(os.path.dirname(sys.executable), "lorafx")
 def run_demo(tmp_path, *args):
     out = subprocess.run([LORAFX, "demo", "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]  # exit 0 means the loss fell
+    # stderr holds the progress bar and nothing else: no third-party warnings before the output
+    noise = [line for line in re.split(r"[\r\n]", out.stderr) if line.strip() and not line.startswith("QLoRA:")]
+    assert not noise, noise[:5]
     return out.stdout
 
 
@@ -24,6 +28,9 @@ def check_outputs(tmp_path, stdout):
     assert not [n for n in program.graph.nodes if "lorafx" in str(n.target)]
     assert "vs merged: 0.0e+00" in stdout  # the reloaded program gives the merged model's logits
     assert "QLoRA:" in stdout and "MiB of NF4 base weights" in stdout
+    # matplotlib comes with the set-up (the demo extra): the loss curve is a PNG the output names
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"loss curve: {tmp_path / 'loss.png'} (" in stdout
 
 
 def test_demo_tiny_llama_shortened(tmp_path):

@@ -8,8 +8,8 @@ import torch
 
 import lorafx
 from conftest import tiny_model
-from lorafx.adapters import AdapterError
-from lorafx.diagnose import HEATMAP_COLUMNS, LayerReport, diagnose, format_table, heatmap_values, write_heatmap
+from lorafx.formats.adapters import AdapterError
+from lorafx.tools.diagnose import HEATMAP_COLUMNS, LayerReport, diagnose, format_table, heatmap_values, write_heatmap
 
 
 def write_adapter(folder, layers, r, alpha):

@@ -13,7 +13,7 @@ from conftest import MLP, token_batch
 from test_backend import one_layer_model, with_random_lora
 
 import lorafx
-from lorafx.export import ExportError
+from lorafx.generation.export import ExportError
 
 SPEC = lorafx.LoraSpec(r=4, alpha=8)
 

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model, token_batch
 
 import lorafx
-from lorafx.capture import capture
+from lorafx.core.capture import capture
 from lorafx.passes import NoTargetError, insert_ia3, match_linears
 from lorafx.passes.common import aten
 from lorafx.passes.insert_ia3 import IA3

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model, token_batch
 
 import lorafx
-from lorafx.adapters import AdapterError
+from lorafx.formats.adapters import AdapterError
 
 # Three adapters that differ in everything a bank must pad or tell apart.
 ADAPTERS = {
@@ -89,7 +89,7 @@ def test_set_adapter_matches_peft_and_never_recaptures(tmp_path, monkeypatch):
     lm = serving_model("llama", dirs)
     theirs = peft_oracle("llama", dirs)
     code = lm.graph_module.code
-    monkeypatch.setattr(lorafx.api, "capture", lambda *a, **k: pytest.fail("re-captured"))
+    monkeypatch.setattr(lorafx.core.model, "capture", lambda *a, **k: pytest.fail("re-captured"))
     ids = token_batch()
     with torch.no_grad():
         for name in ["chat", "sql", "tiny", "chat"]:

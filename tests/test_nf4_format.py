@@ -1,4 +1,4 @@
-"""Tests for lorafx/nf4.py: accuracy, storage cost, validation and bitsandbytes/transformers compatibility."""
+"""Tests for lorafx/formats/nf4.py: accuracy, storage cost, validation and bitsandbytes/transformers compatibility."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorafx.kernels.nf4 import DYNAMIC_MAP, NF4_CODE
-from lorafx.nf4 import NF4Weight, quantize_nf4
+from lorafx.formats.nf4 import NF4Weight, quantize_nf4
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PREFIX = "model.layers.0.mlp.up_proj.weight"

@@ -1,4 +1,4 @@
-"""QLoRA in eager mode keeps NF4 weights 4-bit through the backward (lorafx/nf4_memory.py)."""
+"""QLoRA in eager mode keeps NF4 weights 4-bit through the backward (lorafx/core/nf4_memory.py)."""
 
 import contextlib
 

@@ -2,7 +2,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from lorafx.safetensors_io import DTYPES, SafetensorsFile, SafetensorsFormatError
+from lorafx.formats.safetensors_io import DTYPES, SafetensorsFile, SafetensorsFormatError
 
 
 def test_reads_what_safetensors_writes(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model, token_batch
 
 import lorafx
-from lorafx.capture import capture
+from lorafx.core.capture import capture
 from lorafx.passes import NoTargetError, insert_vera, match_linears
 from lorafx.passes.insert_vera import VERA
 

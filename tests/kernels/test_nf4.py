@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorafx.kernels import nf4 as K
-from lorafx.nf4 import quantize_nf4
+from lorafx.formats.nf4 import quantize_nf4
 
 OP = torch.ops.lorafx.nf4_dequant.default
 

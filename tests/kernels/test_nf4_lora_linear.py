@@ -18,7 +18,7 @@ from interpreter import GPU_TOLERANCE, TOLERANCE, interpret_cases, interpreted_r
 from lorafx.kernels import lora_matmul as LM
 from lorafx.kernels import nf4 as NF4
 from lorafx.kernels import nf4_lora_linear as K
-from lorafx.nf4 import quantize_nf4
+from lorafx.formats.nf4 import quantize_nf4
 
 OP = torch.ops.lorafx.nf4_lora_linear.default
 

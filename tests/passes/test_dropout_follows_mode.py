@@ -1,7 +1,7 @@
 import torch
 from conftest import tiny_model, token_batch
 
-from lorafx.capture import capture
+from lorafx.core.capture import capture
 from lorafx.passes import dropout_follows_mode
 from lorafx.passes.common import aten
 

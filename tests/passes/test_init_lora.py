@@ -126,7 +126,7 @@ def test_loftq_skips_layers_left_full_precision_and_beats_plain_nf4():
     up = lm.graph_module.get_submodule("up")
     w = original["up.weight"]
     effective = up.weight_nf4.nf4_weight().dequantize() + 2.0 * up.lora_B.weight @ up.lora_A.weight
-    plain = lorafx.nf4.quantize_nf4(w).dequantize()
+    plain = lorafx.quantize_nf4(w).dequantize()
     assert (w - effective).norm() < 0.8 * (w - plain).norm()
 
 

@@ -2,7 +2,7 @@ import torch
 from conftest import tiny_model
 
 import lorafx
-from lorafx.capture import capture
+from lorafx.core.capture import capture
 from lorafx.passes import NoTargetError, insert_lora, match_linears
 from lorafx.passes.common import LORA, aten
 

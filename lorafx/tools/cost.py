@@ -40,8 +40,8 @@ import torch
 from lorafx.passes import match_linears
 from lorafx.passes.common import LINEAR
 
-from .capture import capture
-from .spec import LoraSpec
+from lorafx.core.capture import capture
+from lorafx.core.spec import LoraSpec
 
 P, Q, F, M, S, N, r, b, s, L, d, V = sympy.symbols("P Q F M S N r b s L d V", positive=True)
 

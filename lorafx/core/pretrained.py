@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint folders in and out: streaming NF4 load, bnb 4-bit save.
+"""from_pretrained: a LoraModel from a Hugging Face checkpoint folder, streamed (NF4 on the fly).
 
 `from_pretrained` never holds the full-precision model: parameters start as untouched
 `torch.empty` placeholders (virtual memory only, so the model can be captured), then the
@@ -12,35 +12,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import json
 import os
 import sys
 
-import safetensors.torch
 import torch
 import transformers
 from tqdm.auto import tqdm
 
+from lorafx.formats.checkpoints import NF4_SUFFIXES, CheckpointError, checkpoint_index, open_shard, read_nf4
+from lorafx.formats.nf4 import quantize_nf4
 from lorafx.passes import TRANSFORM_PASSES, match_linears, run_passes
 from lorafx.passes.common import LINEAR
-from lorafx.passes.quantize_nf4 import STORAGE, install_nf4
+from lorafx.passes.quantize_nf4 import install_nf4
 
-from . import api
 from .capture import capture
-from .files import write_atomically, write_text
-from .nf4 import NF4Weight, quantize_nf4
-from .safetensors_io import SafetensorsFile, SafetensorsFormatError
+from .model import LoraModel
 from .spec import LoraSpec
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "malloc_trim") else None
 
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
-NF4_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that does not match its config: the message names the first problem."""
 
 
 def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None, progress: bool = True):
@@ -85,7 +75,7 @@ def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None,
     sites = {n.meta[LINEAR].path: n.meta[LINEAR] for n in gm.graph.nodes if LINEAR in n.meta}
     _stream(gm, directory, spec, sites, dtype, progress)
     results = run_passes(gm, spec, TRANSFORM_PASSES)
-    lm = api.LoraModel(captured, spec, model)
+    lm = LoraModel(captured, spec, model)
     lm.pass_results = results
     return lm.train(False)
 
@@ -134,26 +124,6 @@ def _placeholders(model, dtype):
                 module._parameters[name] = new[id(p)]
 
 
-def checkpoint_index(directory) -> dict[str, str]:
-    """checkpoint key → shard file."""
-    index = os.path.join(directory, INDEX)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            return {k: os.path.join(directory, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(directory, WEIGHTS)
-    if not os.path.isfile(single):
-        raise CheckpointError(f"{directory} has neither {WEIGHTS} nor {INDEX} (only safetensors are read)")
-    with open_shard(single) as f:
-        return {k: single for k in f.keys()}
-
-
-def open_shard(shard: str) -> SafetensorsFile:
-    try:
-        return SafetensorsFile(shard)
-    except (SafetensorsFormatError, OSError) as e:
-        raise CheckpointError(f"{shard} is not a readable safetensors file: {e}") from e
-
-
 def _stream(gm, directory, spec, sites, dtype, progress):
     key_index = checkpoint_index(directory)
     params = dict(gm.named_parameters(remove_duplicate=False))
@@ -176,7 +146,7 @@ def _stream(gm, directory, spec, sites, dtype, progress):
                 if key in nf4_keys or (site is not None and spec.quantizes(site.path)):
                     # bitsandbytes stores every weight (Conv1D's too) as (out, in)
                     if key in nf4_keys:
-                        weight = _read_nf4(key_index, key)
+                        weight = read_nf4(key_index, key)
                     else:
                         tensor = f.get_tensor(key).to(dtype)
                         _check_shape(key, tuple(tensor.shape), site, transposed=site.fan_in_fan_out)
@@ -230,55 +200,3 @@ def _check_shape(key, shape, site, transposed):
     expected = (site.in_features, site.out_features) if transposed else (site.out_features, site.in_features)
     if shape != expected:
         raise CheckpointError(f"{key} has shape {shape}, the model expects {expected}")
-
-
-def _read_nf4(key_index, key) -> NF4Weight:
-    tensors = {}
-    for k in [key] + [f"{key}.{s}" for s in NF4_SUFFIXES]:
-        if k in key_index:
-            with open_shard(key_index[k]) as f:
-                tensors[k] = f.get_tensor(k)
-    try:
-        return NF4Weight.from_bnb_state_dict(tensors, key)
-    except ValueError as e:
-        raise CheckpointError(f"{key}: {e}") from e
-
-
-def save_quantized(lm, directory) -> None:
-    """The base model as a transformers bitsandbytes 4-bit checkpoint: config.json with its
-    quantization_config and model.safetensors with bnb's keys (LoRA goes in save_adapter)."""
-    gm = lm.graph_module
-    tensors: dict[str, torch.Tensor] = {}
-    skip: list[str] = []
-    for path, site in lm.linear_sites().items():
-        owner = gm.get_submodule(path)
-        if hasattr(owner, STORAGE):
-            tensors.update(owner.get_submodule(STORAGE).nf4_weight().to_bnb_state_dict(f"{path}.weight"))
-        else:
-            skip.append(path.rsplit(".", 1)[-1])
-    lora = dict(lm.named_lora_parameters())
-    for name, p in gm.named_parameters():
-        if name not in lora:
-            tensors[name] = p.detach()
-    tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
-    if lm.config is None:
-        raise TypeError("save_quantized needs a Hugging Face model (it writes config.json)")
-    config = lm.config.to_dict()
-    compute = lm.spec.compute_dtype or next(iter(lm.linear_sites().values())).dtype
-    config["quantization_config"] = {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": lm.spec.double_quant,
-        "bnb_4bit_compute_dtype": str(compute).removeprefix("torch."),
-        "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": sorted(set(skip)) or None,
-    }
-    directory = os.fspath(directory)
-    write_atomically(
-        {
-            os.path.join(directory, WEIGHTS): lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}),
-            os.path.join(directory, "config.json"): write_text(json.dumps(config, indent=2, sort_keys=True, default=str)),
-        }
-    )

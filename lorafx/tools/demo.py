@@ -30,11 +30,12 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from . import api
-from .export import export
-from .memory import STATUS, status_kib
-from .passes.quantize_nf4 import STORAGE
-from .spec import LoraSpec
+from lorafx.core.model import LoraModel, count_parameters, transform
+from lorafx.core.spec import LoraSpec
+from lorafx.formats.files import write_atomically
+from lorafx.generation.export import export
+from lorafx.passes.quantize_nf4 import STORAGE
+from lorafx.runtime.memory import STATUS, status_kib
 
 MODELS = ("minilm", "tiny-llama")
 DEFAULT_STEPS = 200
@@ -101,7 +102,7 @@ class Job:
     """One demo job: the model under training and how to feed, score and compare it."""
 
     description: str
-    lm: api.LoraModel
+    lm: LoraModel
     lr: float
     next_batch: Callable[[], tuple[dict, torch.Tensor | None, int]]  # inputs, targets, tokens
     loss: Callable[[torch.nn.Module, dict, torch.Tensor | None], torch.Tensor]
@@ -119,7 +120,7 @@ def run(steps: int = DEFAULT_STEPS, out: str = "out/demo", model: str = "minilm"
     job = minilm_job() if model == "minilm" else tiny_llama_job()
     lm = job.lm
     log(job.description)
-    trainable, total = api.count_parameters(lm)
+    trainable, total = count_parameters(lm)
     log(f"QLoRA: {nf4_mib(lm):.1f} MiB of NF4 base weights; LoRA r={lm.spec.r} on {len(lm.lora_paths())} linear "
         f"layers: {trainable:,d} trainable of {total:,d} parameters ({100 * trainable / total:.2f}%)")
     lm.eval()
@@ -146,7 +147,10 @@ def run(steps: int = DEFAULT_STEPS, out: str = "out/demo", model: str = "minilm"
     plot = plot_losses(losses, os.path.join(out, "loss.png"))
     log(f"adapter (PEFT format): {adapter_dir}/")
     log(f"merged model, torch.export program: {program} (loads with torch.export.load, no lorafx needed)")
-    log(f"loss curve: {plot}" if plot else "loss curve: skipped (pip install matplotlib for loss.png)")
+    if plot:
+        log(f"loss curve: {plot} ({os.path.getsize(plot) / 1024:.0f} KiB PNG, {len(losses)} steps)")
+    else:
+        log("loss curve: skipped, matplotlib is not installed (pip install 'lorafx[demo]'; `make demo` installs it)")
     return {"model": model, "losses": losses, "loss_fell": last < first, "adapter": adapter_dir, "program": program, "plot": plot,
             "merge_diff": merge_diff, "export_diff": export_diff}
 
@@ -178,16 +182,20 @@ def minilm_job(seed: int = 0) -> Job:
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)  # the new classification head
     verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # "newly initialized: classifier" is the point here
+    transformers.utils.logging.disable_progress_bar()  # 103 tensors load in a blink: the bar is noise
     try:
         model = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2)
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     # The classifier is a new, random linear layer: as PEFT does for classification models,
     # LoraSpec's default modules_to_save trains it in full (full precision, no LoRA) and the
     # adapter saves its weights; every other linear layer is NF4 + LoRA.
     spec = LoraSpec(r=8, alpha=16, dropout=0.05, targets="all-linear", quantize="nf4")
-    lm = api.transform(model, spec)
+    lm = transform(model, spec)
     texts = POSITIVE + NEGATIVE
     labels = torch.tensor([1] * len(POSITIVE) + [0] * len(NEGATIVE))
     generator = torch.Generator().manual_seed(seed)
@@ -229,7 +237,7 @@ def tiny_llama_job(seed: int = 0, seq: int = 64, batch: int = 8) -> Job:
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     model = transformers.AutoModelForCausalLM.from_config(config)
-    lm = api.transform(model, LoraSpec(r=8, alpha=16, dropout=0.05, targets="all-linear", quantize="nf4"))
+    lm = transform(model, LoraSpec(r=8, alpha=16, dropout=0.05, targets="all-linear", quantize="nf4"))
     data = torch.tensor(list(TEXT.encode("utf-8")), dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
 
@@ -257,7 +265,7 @@ def tiny_llama_job(seed: int = 0, seq: int = 64, batch: int = 8) -> Job:
 
 
 # -- reporting ----------------------------------------------------------------------------
-def nf4_mib(lm: api.LoraModel) -> float:
+def nf4_mib(lm: LoraModel) -> float:
     return sum(b.numel() * b.element_size() for n, b in lm.named_buffers() if f".{STORAGE}." in n) / 2**20
 
 
@@ -267,7 +275,7 @@ def rss_mib() -> float | None:
 
 
 def plot_losses(losses: list[float], path: str) -> str | None:
-    """loss.png when matplotlib is installed (it is optional), else None."""
+    """loss.png (atomically written) when matplotlib is installed (the `demo` extra), else None."""
     if importlib.util.find_spec("matplotlib") is None:
         return None
     import matplotlib
@@ -279,6 +287,6 @@ def plot_losses(losses: list[float], path: str) -> str | None:
     ax.plot(range(1, len(losses) + 1), losses)
     ax.set(xlabel="step", ylabel="training loss", title="lorafx demo: QLoRA training loss")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically({path: lambda tmp: fig.savefig(tmp, dpi=120, format="png")})
     plt.close(fig)
     return path

@@ -33,10 +33,10 @@ import safetensors.torch
 import torch
 from torch.distributed.tensor import DTensor
 
-from . import adapters
-from .api import LoraModel
-from .files import write_atomically, write_text
-from .loading import CheckpointError
+from lorafx.core.model import LoraModel
+from lorafx.formats.checkpoints import CheckpointError
+from lorafx.formats.files import write_atomically, write_text
+from lorafx.variants import files_for
 
 FORMAT = "lorafx.training_checkpoint"
 VERSION = 1
@@ -77,7 +77,7 @@ def save_checkpoint(directory, lm: LoraModel, optimizer: torch.optim.Optimizer, 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
-        adapters.save_adapter(lm, tmp)
+        files_for(lm.spec).save_adapter(lm, tmp)
         write_atomically(
             {
                 os.path.join(tmp, STATE_TENSORS): lambda path: safetensors.torch.save_file(tensors, path),
@@ -128,7 +128,7 @@ def load_checkpoint(directory, lm: LoraModel, optimizer: torch.optim.Optimizer,
             f"({[len(g) for g in names]} vs {[len(g) for g in saved_names]} parameters per group); "
             "build it over lm.trainable_parameters() as in the saved run"
         )
-    adapters.load_adapter(lm, directory)  # checks config, keys and shapes before copying
+    files_for(lm.spec).load_adapter(lm, directory)  # checks config, keys and shapes before copying
     optimizer.load_state_dict(optimizer_state)
     restore_rng()
     return state["step"]

@@ -16,7 +16,7 @@ import torch
 
 from lorafx.passes.adapter_bank import IDS, add_banks, banks, strip_lora
 
-from .adapters import KEY_PREFIX, AdapterError, peft_config, read_config, read_tensors
+from lorafx.formats.adapters import KEY_PREFIX, AdapterError, peft_config, read_config, read_tensors
 
 DEFAULT = "default"  # PEFT's name for the adapter a model is created with
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch

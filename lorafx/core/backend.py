@@ -26,8 +26,8 @@ import torch
 import torch._inductor.config
 from torch._dynamo.utils import counters
 
-from .passes import FUSE_PASSES
-from .passes.common import PassResult
+from lorafx.passes import FUSE_PASSES
+from lorafx.passes.common import PassResult
 
 
 

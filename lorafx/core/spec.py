@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from lorafx.formats.adapters import check_config, read_config
+
 INITS = ("kaiming", "gaussian", "pissa", "loftq")  # and "pissa_niter_<N>"
 PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
 QUANTIZE = (None, "nf4")
@@ -183,8 +185,6 @@ class LoraSpec:
     @classmethod
     def from_peft_config(cls, config) -> "LoraSpec":
         """A spec equal to a PEFT LoraConfig (a dict, an adapter_config.json or its folder)."""
-        from .adapters import check_config, read_config  # adapters imports spec
-
         config = check_config(config, "config") if isinstance(config, dict) else read_config(config)
         targets = config["target_modules"]
         init = config.get("init_lora_weights", True)
@@ -237,3 +237,25 @@ def _matches(selector, path: str) -> bool:
     if isinstance(selector, str):
         return re.fullmatch(selector, path) is not None
     return any(path == s or path.endswith("." + s) for s in selector)
+
+
+def check_selector(field: str, value, owner: str):
+    """_check_selector, its message naming the spec class `owner` ("IA3Spec", "VeraSpec")."""
+    try:
+        return _check_selector(field, value)
+    except ValueError as e:
+        raise ValueError(str(e).replace("LoraSpec.", f"{owner}.", 1)) from None
+
+
+class TargetSelection:
+    """targets / exclude as LoraSpec reads them, for the other adapter types' specs."""
+
+    def selects(self, path: str) -> bool:
+        """True when the module at `path` is a target and not excluded."""
+        return _matches(self.targets, path) and not (self.exclude and _matches(self.exclude, path))
+
+    def resolved(self, output_head: str | None, model_class: str = ""):
+        """The spec with PEFT's default filled in: "all-linear" leaves out the output head."""
+        head = [output_head] if output_head else []
+        exclude = self.exclude if self.exclude is not None else (head if self.targets == ALL_LINEAR else [])
+        return dataclasses.replace(self, exclude=exclude)

@@ -21,8 +21,8 @@ import os
 import safetensors.torch
 import torch
 
-from .adapters import KEY_PREFIX, read_config, read_tensors
-from .files import write_atomically, write_text
+from lorafx.formats.adapters import KEY_PREFIX, read_config, read_tensors
+from lorafx.formats.files import write_atomically, write_text
 
 SEPARATE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 METHODS = SEPARATE + ("cat", "svd")

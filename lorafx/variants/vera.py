@@ -16,18 +16,18 @@ from typing import Sequence
 
 import torch
 
-from .adapters import (
+from lorafx.core.spec import ALL_LINEAR, TargetSelection, check_selector
+from lorafx.formats.adapters import (
     AdapterError,
     _target_modules,
     _task_type,
     adapter_tensors,
+    check_typed_config,
     load_tensors,
     read_config,
     read_tensors,
     write_adapter,
 )
-from .ia3 import TargetSelection, _selector, check_variant_config
-from .spec import ALL_LINEAR
 
 PROJECTION_PREFIX = "base_model."  # PEFT's keys for the shared matrices: base_model.vera_A / vera_B
 PROJECTIONS = ("vera_A", "vera_B")  # graph-module buffers (persistent: state_dict round-trips them)
@@ -61,9 +61,9 @@ class VeraSpec(TargetSelection):
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             _fail("r", self.r, "an integer >= 1")
-        object.__setattr__(self, "targets", _selector("targets", self.targets, "VeraSpec"))
+        object.__setattr__(self, "targets", check_selector("targets", self.targets, "VeraSpec"))
         if self.exclude is not None:
-            object.__setattr__(self, "exclude", _selector("exclude", self.exclude, "VeraSpec"))
+            object.__setattr__(self, "exclude", check_selector("exclude", self.exclude, "VeraSpec"))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             _fail("dropout", self.dropout, "a number with 0 <= dropout < 1")
         if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)) or not math.isfinite(
@@ -96,7 +96,7 @@ class VeraSpec(TargetSelection):
 # -- PEFT's VERA adapter format --------------------------------------------------------------------
 def check_config(config, path: str) -> dict:
     """The fields lorafx reads from a PEFT VeraConfig dict are present and supported."""
-    check_variant_config(config, path, "VERA", "a VeRA model", ("r", "target_modules"))
+    check_typed_config(config, path, "VERA", "a VeRA model", ("r", "target_modules"))
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias={config['bias']!r}; lorafx supports VeRA with bias='none' only")
     if config.get("layers_to_transform") is not None:

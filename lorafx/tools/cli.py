@@ -18,14 +18,15 @@ import sys
 import torch
 import transformers
 
+from lorafx.core.capture import CaptureError
+from lorafx.core.model import transform
+from lorafx.core.pretrained import from_pretrained
+from lorafx.core.spec import ALL_LINEAR, LoraSpec
+from lorafx.generation.export import export
+from lorafx.variants import spec_for
+
 from . import cost, demo
 from .diagnose import HEATMAP_COLUMNS, diagnose, format_table, write_heatmap
-from .adapters import spec_for
-from .api import transform
-from .capture import CaptureError
-from .export import export
-from .loading import from_pretrained
-from .spec import ALL_LINEAR, LoraSpec
 
 # Problems in the user's input that surface while running; anything else is a bug and keeps
 # its traceback. AdapterError, CheckpointError and NoTargetError are ValueErrors.

@@ -80,11 +80,7 @@ def _target_modules(lora_paths: list[str], linear_paths: list[str]) -> list[str]
 
 
 def save_adapter(lm, directory) -> None:
-    from .variants import variant_of  # it imports the format modules, which import this one
-
-    variant = variant_of(lm.spec)
-    if variant is not None:
-        return variant.files.save_adapter(lm, directory)
+    """A LoRA model's adapter folder (lorafx.variants.files_for picks the module per spec type)."""
     write_adapter(directory, adapter_tensors(lm), peft_config(lm))
 
 
@@ -160,16 +156,28 @@ def read_config(directory, check=None) -> dict:
     return (check or check_config)(config, path)
 
 
-def spec_for(directory):
-    """The lorafx spec (LoraSpec, IA3Spec or VeraSpec) equal to the PEFT config in `directory`."""
-    from .ia3 import IA3Spec  # they import this module
-    from .spec import LoraSpec
-    from .vera import VeraSpec
+SPEC_NAMES = {"LORA": "LoraSpec", "IA3": "IA3Spec", "VERA": "VeraSpec"}  # peft_type → the lorafx spec for it
 
-    raw = read_config(directory, check=lambda config, path: config)
-    peft_type = raw.get("peft_type", "LORA") if isinstance(raw, dict) else "LORA"
-    spec_class = {"IA3": IA3Spec, "VERA": VeraSpec}.get(peft_type, LoraSpec)
-    return spec_class.from_peft_config(directory)
+
+def wrong_type_hint(config: dict) -> str:
+    """What to transform with instead, for an adapter of another peft_type."""
+    spec = SPEC_NAMES.get(config.get("peft_type"))
+    return f"; for this one transform with lorafx.{spec}.from_peft_config(folder)" if spec else ""
+
+
+def check_typed_config(config, path: str, peft_type: str, model: str, fields: tuple[str, ...]) -> dict:
+    """A PEFT config dict of `peft_type` with every field in `fields`, for a `model` (e.g. "a VeRA model")."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != peft_type:
+        raise AdapterError(
+            f"{path}: peft_type={config.get('peft_type')!r}, but this is {model}, which loads {peft_type} adapters "
+            f"only{wrong_type_hint(config)}"
+        )
+    for field in fields:
+        if config.get(field) is None:
+            raise AdapterError(f"{path} has no {field!r} field")
+    return config
 
 
 def check_config(config, path: str) -> dict:
@@ -177,8 +185,6 @@ def check_config(config, path: str) -> dict:
     if not isinstance(config, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
-        from .ia3 import wrong_type_hint  # ia3 imports this module
-
         hint = wrong_type_hint(config)
         raise AdapterError(f"{path}: peft_type={config['peft_type']!r}, here lorafx reads LORA adapters only{hint}")
     for field in ("r", "lora_alpha", "target_modules"):
@@ -203,13 +209,8 @@ def read_tensors(directory: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(lm, directory) -> None:
-    """Check everything first (config, key set, shapes), then copy: no partial loads."""
+    """A LoRA adapter folder into `lm`. Check everything first (config, key set, shapes), then copy: no partial loads."""
     directory = os.fspath(directory)
-    from .variants import variant_of
-
-    variant = variant_of(lm.spec)
-    if variant is not None:
-        return variant.files.load_adapter(lm, directory)
     config = read_config(directory)
     spec = lm.spec
     if config["r"] != spec.r:

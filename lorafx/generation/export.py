@@ -17,10 +17,10 @@ from collections.abc import Mapping
 
 import torch
 
-from .api import LoraModel
-from .capture import auto_dynamic_shapes, hf_dynamic_shapes
-from .files import write_atomically
-from .passes import graph_nodes
+from lorafx.core.capture import auto_dynamic_shapes, hf_dynamic_shapes
+from lorafx.core.model import LoraModel
+from lorafx.formats.files import write_atomically
+from lorafx.passes import graph_nodes
 
 LORA_CHOICES = (None, "keep")
 QUANTIZE_CHOICES = (None, "keep")

@@ -6,10 +6,12 @@ import contextlib
 import copy
 import itertools
 import os
+import warnings
 from typing import Iterator
 
 import torch
 
+from lorafx.formats import adapters, checkpoints
 from lorafx.passes import (
     TRANSFORM_PASSES,
     PassResult,
@@ -21,16 +23,25 @@ from lorafx.passes import (
 )
 from lorafx.passes.adapter_bank import strip_lora, unbank
 from lorafx.passes.common import LINEAR, LORA, LinearSite
+from lorafx.passes.quantize_nf4 import STORAGE
+from lorafx.variants import SPECS, files_for, variant_of
+from lorafx.variants.ia3 import IA3Spec
+from lorafx.variants.vera import VeraSpec
 
-from . import adapters, multi_adapter
+from . import named_adapters
 from .capture import Captured, capture
-from .ia3 import IA3Spec
 from .nf4_memory import saved_nf4_weights
 from .spec import LoraSpec
-from .variants import VARIANTS, variant_of
-from .vera import VeraSpec
 
 GRAPH_PREFIX = "graph_module."
+
+
+def _deepcopy(obj, memo=None):
+    """copy.deepcopy minus one torch FutureWarning: fx's Graph.__deepcopy__ copies the graph's
+    pytree LeafSpecs through their deprecated constructor (torch's own call, not ours)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+        return copy.deepcopy(obj, memo)
 
 
 def transform(
@@ -44,9 +55,9 @@ def transform(
 
     Hugging Face models need no example inputs (one is made from the config, with dynamic
     batch and sequence length). Base parameters are frozen in place, as PEFT does.
-    An IA3Spec or VeraSpec gives (IA)³ or VeRA instead of LoRA (lorafx/variants.py).
+    An IA3Spec or VeraSpec gives (IA)³ or VeRA instead of LoRA (the table in lorafx/variants).
     """
-    if not isinstance(spec, (LoraSpec, *VARIANTS)):
+    if not isinstance(spec, SPECS):
         raise TypeError(f"spec must be a lorafx.LoraSpec, IA3Spec or VeraSpec, got {type(spec).__name__}")
     if isinstance(model, LoraModel):
         raise TypeError("model is already a LoraModel; transform the original model instead")
@@ -78,7 +89,7 @@ class LoraModel(torch.nn.Module):
         self._loss_function = getattr(model, "loss_function", None) if captured.hf_model else None
         self._base_name = getattr(config, "_name_or_path", None) or None
         self.model_class = type(model).__name__
-        self._adapters: dict[str, multi_adapter.Adapter] | None = None  # None: one trainable adapter
+        self._adapters: dict[str, named_adapters.Adapter] | None = None  # None: one trainable adapter
         self._active: str | None = None
         self._disabled = False
         self.__dict__["_base_view"] = None  # not a submodule: it shares every tensor with graph_module
@@ -124,7 +135,7 @@ class LoraModel(torch.nn.Module):
         return self._loss_function(labels=labels, **call)
 
     def _nf4_saved_as_nf4(self):
-        """QLoRA training, eager: autograd keeps NF4 weights 4-bit (lorafx/nf4_memory.py)."""
+        """QLoRA training, eager: autograd keeps NF4 weights 4-bit (lorafx/core/nf4_memory.py)."""
         if getattr(self.spec, "quantize", None) == "nf4" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return saved_nf4_weights()
         return contextlib.nullcontext()
@@ -137,7 +148,7 @@ class LoraModel(torch.nn.Module):
                 raise ValueError("adapter_ids= cannot be used inside disable_adapters()")
             return self._base_graph()
         if self._adapters is not None or adapter_ids is not None:  # (no graph break for one adapter)
-            multi_adapter.write_ids(self, batch, adapter_ids)
+            named_adapters.write_ids(self, batch, adapter_ids)
         return self.graph_module
 
     def _base_graph(self) -> torch.fx.GraphModule:
@@ -145,7 +156,7 @@ class LoraModel(torch.nn.Module):
         and buffer (no weight is copied), made once and dropped when tensors move (_apply)."""
         if self._base_view is None:
             shared = {id(t): t for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers())}
-            view = copy.deepcopy(self.graph_module, shared)
+            view = _deepcopy(self.graph_module, shared)
             variant = variant_of(self.spec)
             (variant.strip if variant else strip_lora)(view)
             self.__dict__["_base_view"] = view
@@ -227,11 +238,11 @@ class LoraModel(torch.nn.Module):
                 raise ValueError("convert_from= converts the model's own LoRA adapter (no named adapters, no IA3/VeRA)")
             adapters.write_adapter(directory, *adapters.converted_to_lora(self, convert_from))
         elif self._adapters is None:
-            if name not in (None, multi_adapter.DEFAULT):
-                multi_adapter.set_active(self, name)  # raises KeyError naming the adapters
-            adapters.save_adapter(self, directory)
+            if name not in (None, named_adapters.DEFAULT):
+                named_adapters.set_active(self, name)  # raises KeyError naming the adapters
+            files_for(self.spec).save_adapter(self, directory)
         else:
-            adapters.write_adapter(directory, *multi_adapter.adapter_state(self, name))
+            adapters.write_adapter(directory, *named_adapters.adapter_state(self, name))
 
     def load_adapter(self, directory: str | os.PathLike, name: str | None = None) -> None:
         """Load an adapter saved by lorafx or PEFT; checks config, keys and shapes first.
@@ -245,29 +256,29 @@ class LoraModel(torch.nn.Module):
         if name is None:
             if self._adapters is not None:
                 raise ValueError("this model holds named adapters; give load_adapter a name")
-            adapters.load_adapter(self, directory)
+            files_for(self.spec).load_adapter(self, directory)
         elif variant_of(self.spec) is not None:
             kind = type(self.spec).__name__
             raise adapters.AdapterError(f"named adapters are LoRA only; this model has a {kind}: load_adapter(dir)")
         else:
-            multi_adapter.load_named(self, directory, name)
+            named_adapters.load_named(self, directory, name)
 
     @property
     def adapter_names(self) -> list[str]:
         """Loaded adapters in slot order (the index `adapter_ids` integers refer to)."""
-        return multi_adapter.names(self)
+        return named_adapters.names(self)
 
     @property
     def active_adapter(self) -> str | None:
-        return multi_adapter.DEFAULT if self._adapters is None else self._active
+        return named_adapters.DEFAULT if self._adapters is None else self._active
 
     def set_adapter(self, name: str) -> None:
         """Use adapter `name` for every row from now on (writes a buffer: no re-capture, same graph)."""
-        multi_adapter.set_active(self, name)
+        named_adapters.set_active(self, name)
 
     def delete_adapter(self, name: str) -> None:
         """Unload a named adapter; if it was active the first remaining one becomes active."""
-        multi_adapter.delete(self, name)
+        named_adapters.delete(self, name)
 
     @contextlib.contextmanager
     def disable_adapters(self):
@@ -280,10 +291,25 @@ class LoraModel(torch.nn.Module):
             self._disabled = previous
 
     def save_quantized(self, directory: str | os.PathLike) -> None:
-        """The base model as a transformers bitsandbytes 4-bit checkpoint folder (LoRA not included)."""
-        from .loading import save_quantized  # loading imports this module
-
-        save_quantized(self, directory)
+        """The base model as a transformers bitsandbytes 4-bit checkpoint folder: config.json with
+        its quantization_config and model.safetensors with bnb's keys (LoRA goes in save_adapter)."""
+        if self.config is None:
+            raise TypeError("save_quantized needs a Hugging Face model (it writes config.json)")
+        gm = self.graph_module
+        tensors: dict[str, torch.Tensor] = {}
+        skip: list[str] = []
+        for path in self.linear_sites():
+            owner = gm.get_submodule(path)
+            if hasattr(owner, STORAGE):
+                tensors.update(owner.get_submodule(STORAGE).nf4_weight().to_bnb_state_dict(f"{path}.weight"))
+            else:
+                skip.append(path.rsplit(".", 1)[-1])
+        lora = dict(self.named_lora_parameters())
+        tensors.update({name: p.detach() for name, p in gm.named_parameters() if name not in lora})
+        config = self.config.to_dict()
+        compute = self.spec.compute_dtype or next(iter(self.linear_sites().values())).dtype
+        config["quantization_config"] = checkpoints.bnb_quantization_config(self.spec.double_quant, compute, skip)
+        checkpoints.write_checkpoint(directory, tensors, config)
 
     def merge(self) -> "LoraModel":
         """A copy with scale·B·A folded into the base weights and no LoRA nodes or parameters.
@@ -291,7 +317,7 @@ class LoraModel(torch.nn.Module):
         `self` is left as it was, so there is no unmerge: keep training or saving the
         unmerged model and call merge() again when you need a deployable copy.
         """
-        merged = copy.deepcopy(self)
+        merged = _deepcopy(self)
         merged.__dict__["_base_view"] = None
         variant = variant_of(self.spec)
         if variant is not None:  # (IA)³ / VeRA: their own merge pass

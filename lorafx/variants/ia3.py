@@ -11,53 +11,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from .adapters import (
+from lorafx.core.spec import ALL_LINEAR, TargetSelection, _matches, check_selector
+from lorafx.formats.adapters import (
     KEY_PREFIX,
     AdapterError,
     _target_modules,
     _task_type,
     adapter_tensors,
+    check_typed_config,
     load_tensors,
     read_config,
     read_tensors,
     write_adapter,
 )
-from .spec import ALL_LINEAR, _check_selector, _matches
 
 
 def _fail(field: str, value, allowed: str):
     raise ValueError(f"IA3Spec.{field}={value!r} is invalid: allowed is {allowed}")
-
-
-def _selector(field: str, value, owner: str = "IA3Spec"):
-    """spec.py's selector check (targets / exclude forms), its message naming the `owner` class."""
-    try:
-        return _check_selector(field, value)
-    except ValueError as e:
-        raise ValueError(str(e).replace("LoraSpec.", f"{owner}.", 1)) from None
-
-
-SPEC_NAMES = {"LORA": "LoraSpec", "IA3": "IA3Spec", "VERA": "VeraSpec"}  # peft_type → the lorafx spec for it
-
-
-def wrong_type_hint(config: dict) -> str:
-    """What to transform with instead, for an adapter of another peft_type."""
-    spec = SPEC_NAMES.get(config.get("peft_type"))
-    return f"; for this one transform with lorafx.{spec}.from_peft_config(folder)" if spec else ""
-
-
-class TargetSelection:
-    """targets / exclude as LoraSpec reads them (IA3Spec and VeraSpec share it)."""
-
-    def selects(self, path: str) -> bool:
-        """True when the module at `path` is a target and not excluded."""
-        return _matches(self.targets, path) and not (self.exclude and _matches(self.exclude, path))
-
-    def resolved(self, output_head: str | None, model_class: str = ""):
-        """The spec with PEFT's default filled in: "all-linear" leaves out the output head."""
-        head = [output_head] if output_head else []
-        exclude = self.exclude if self.exclude is not None else (head if self.targets == ALL_LINEAR else [])
-        return dataclasses.replace(self, exclude=exclude)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +54,13 @@ class IA3Spec(TargetSelection):
     init: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", _selector("targets", self.targets))
+        object.__setattr__(self, "targets", check_selector("targets", self.targets, "IA3Spec"))
         if self.feedforward == ALL_LINEAR:
             _fail("feedforward", self.feedforward, "a list of module-name suffixes or a regex (PEFT reads "
                   "'all-linear' there as a regex that matches no module)")
-        object.__setattr__(self, "feedforward", _selector("feedforward", self.feedforward))
+        object.__setattr__(self, "feedforward", check_selector("feedforward", self.feedforward, "IA3Spec"))
         if self.exclude is not None:
-            object.__setattr__(self, "exclude", _selector("exclude", self.exclude))
+            object.__setattr__(self, "exclude", check_selector("exclude", self.exclude, "IA3Spec"))
         if isinstance(self.targets, tuple) and isinstance(self.feedforward, tuple):
             # A module both names match ends with both, so one must be a "."-suffix of the other;
             # transform checks the exact subset on the model's layers.
@@ -124,25 +94,10 @@ class IA3Spec(TargetSelection):
 
 
 # -- PEFT's IA3 adapter format ---------------------------------------------------------------------
-def check_variant_config(config, path: str, peft_type: str, model: str, fields: tuple[str, ...]) -> dict:
-    """A PEFT config dict of `peft_type` with every field in `fields`, for a `model` (e.g. "a VeRA model")."""
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    if config.get("peft_type") != peft_type:
-        raise AdapterError(
-            f"{path}: peft_type={config.get('peft_type')!r}, but this is {model}, which loads {peft_type} adapters "
-            f"only{wrong_type_hint(config)}"
-        )
-    for field in fields:
-        if config.get(field) is None:
-            raise AdapterError(f"{path} has no {field!r} field")
-    return config
-
-
 def check_config(config, path: str) -> dict:
     """The fields lorafx reads from a PEFT IA3Config dict are present (PEFT fills the module
     lists from its per-model defaults on save)."""
-    return check_variant_config(config, path, "IA3", "an (IA)³ model", ("target_modules", "feedforward_modules"))
+    return check_typed_config(config, path, "IA3", "an (IA)³ model", ("target_modules", "feedforward_modules"))
 
 
 def peft_config(lm) -> dict:

@@ -17,8 +17,9 @@ import zlib
 
 import torch
 
-from .adapters import KEY_PREFIX, AdapterError, read_config, read_tensors
-from .files import write_atomically
+from lorafx.formats.adapters import KEY_PREFIX, AdapterError, read_config, read_tensors
+from lorafx.formats.checkpoints import checkpoint_index, open_shard  # the reader from_pretrained uses
+from lorafx.formats.files import write_atomically
 
 
 @dataclasses.dataclass
@@ -109,8 +110,6 @@ def _base_weights(base, paths) -> dict[str, torch.Tensor]:
         return base
     if isinstance(base, torch.nn.Module):
         return {n[: -len(".weight")]: p.detach() for n, p in base.named_parameters() if n.endswith(".weight")}
-    from .loading import checkpoint_index, open_shard  # the reader from_pretrained uses
-
     index = checkpoint_index(os.fspath(base))
     weights = {}
     for path in paths:

@@ -1,0 +1,1 @@
+"""After training: export of (merged) models as torch.export programs and AOTInductor packages."""
