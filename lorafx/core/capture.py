@@ -9,10 +9,14 @@ then makes them follow `.train()` / `.eval()` again.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import warnings
 
 import torch
 from torch.export import Dim
+
+from lorafx.passes.quantize_nf4 import STORAGE
 
 # Inputs the captured graph of a Hugging Face model takes; everything else is refused at
 # call time with a clear error rather than silently ignored.
@@ -29,6 +33,7 @@ class Captured:
     input_names: tuple[str, ...] | None  # keyword inputs of an HF model; None for plain modules
     output_head: str | None  # module path of the output embeddings (excluded by all-linear)
     hf_model: bool
+    blueprint: torch.nn.Module  # the model with meta parameters: what skeleton() rebuilds from
 
 
 def is_hf_model(model: torch.nn.Module) -> bool:
@@ -55,6 +60,7 @@ def capture(model: torch.nn.Module, example_args=(), example_kwargs=None, dynami
     example_kwargs = example_kwargs or {}
     if dynamic_shapes is None:
         dynamic_shapes = auto_dynamic_shapes((*example_args, *example_kwargs.values()))
+    plan = blueprint(model)  # before any pass empties a weight it quantizes
     was_training = model.training
     try:
         with _no_kv_cache(model):
@@ -72,7 +78,7 @@ def capture(model: torch.nn.Module, example_args=(), example_kwargs=None, dynami
     gm = torch.fx.GraphModule(exported, exported.graph)
     head = _output_head_path(model) if hf else None
     names = tuple(example_kwargs) if hf else None
-    return Captured(graph_module=gm, input_names=names, output_head=head, hf_model=hf)
+    return Captured(graph_module=gm, input_names=names, output_head=head, hf_model=hf, blueprint=plan)
 
 
 def auto_dynamic_shapes(inputs) -> list:
@@ -123,3 +129,59 @@ def _output_head_path(model) -> str | None:
     if head is None:
         return None
     return next(name for name, module in model.named_modules() if module is head)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build a model whose parameters are on the meta device (buffers stay real, as
+    accelerate's init_empty_weights(include_buffers=False) does)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and not param.is_meta:  # a meta param is being tied: keep its identity
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def blueprint(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters are on the meta device (buffers, config and
+    generation_config are copied): the structure, at no memory cost."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    with warnings.catch_warnings():  # fx's Graph.__deepcopy__ (a submodule may be a GraphModule)
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+        return copy.deepcopy(model, memo)
+
+
+def skeleton(plan: torch.nn.Module, store: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the blueprint `plan` holding `store`'s tensors: every parameter and buffer the
+    store has under the same name is that very tensor (no copy); a weight the store keeps as
+    NF4 instead becomes a placeholder that owns no memory (a stride-0 view of one element).
+    Used to capture a model a second time, e.g. with a KV cache, over the same weights."""
+    tensors = dict(store.named_parameters(remove_duplicate=False)) | dict(store.named_buffers(remove_duplicate=False))
+    first = next(iter(tensors.values()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    modules = dict(store.named_modules())
+    model = copy.deepcopy(plan)
+    for path, module in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            table = getattr(module, kind)
+            for leaf, tensor in list(table.items()):
+                if tensor is None:
+                    continue
+                name = f"{path}.{leaf}" if path else leaf
+                if name in tensors:
+                    table[leaf] = tensors[name]
+                elif kind == "_buffers":
+                    table[leaf] = tensor.to(device)
+                else:
+                    nf4 = modules.get(f"{path}.{STORAGE}")  # its dequantized weight's dtype
+                    dtype = nf4.dtype if nf4 is not None else tensor.dtype
+                    placeholder = torch.zeros((), dtype=dtype, device=device).expand(tensor.shape)
+                    table[leaf] = torch.nn.Parameter(placeholder, requires_grad=False)
+    return model.train(store.training)

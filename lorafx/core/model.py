@@ -23,13 +23,13 @@ from lorafx.passes import (
 )
 from lorafx.passes.adapter_bank import strip_lora, unbank
 from lorafx.passes.common import LINEAR, LORA, LinearSite
-from lorafx.passes.quantize_nf4 import STORAGE
+from lorafx.passes.quantize_nf4 import STORAGE, NF4Storage
 from lorafx.variants import SPECS, files_for, variant_of
 from lorafx.variants.ia3 import IA3Spec
 from lorafx.variants.vera import VeraSpec
 
 from . import named_adapters
-from .capture import Captured, capture
+from .capture import Captured, capture, skeleton
 from .nf4_memory import saved_nf4_weights
 from .spec import LoraSpec
 
@@ -92,7 +92,10 @@ class LoraModel(torch.nn.Module):
         self._adapters: dict[str, named_adapters.Adapter] | None = None  # None: one trainable adapter
         self._active: str | None = None
         self._disabled = False
-        self.__dict__["_base_view"] = None  # not a submodule: it shares every tensor with graph_module
+        self._merged = False  # merge() output: no adapter left to insert
+        # Not submodules (so state_dict and parameters() are graph_module's alone):
+        self.__dict__["_blueprint"] = captured.blueprint  # the original model, meta parameters
+        self.__dict__["_views"] = {}  # entry points over graph_module's tensors (entry_point)
 
     # -- calling ---------------------------------------------------------------------------
     def forward(self, *args, labels=None, adapter_ids=None, **kwargs):
@@ -151,19 +154,37 @@ class LoraModel(torch.nn.Module):
             named_adapters.write_ids(self, batch, adapter_ids)
         return self.graph_module
 
+    # -- entry points over one parameter store ---------------------------------------------
+    # graph_module owns every parameter and buffer (it is the store: state_dict, optimizers
+    # and adapters see it). Other graphs of the same model — the base model behind
+    # disable_adapters(), the KV-cache decode graph behind generate() — are views: built on
+    # first use, holding graph_module's very tensors, dropped when the store changes shape.
+    def entry_point(self, key, build) -> torch.fx.GraphModule:
+        """The view `key`, built by `build()` the first time it is asked for."""
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = build()
+        return view.train(self.training)
+
+    def forget_views(self) -> None:
+        """Drop every view: the store's tensors moved or its adapters changed structure."""
+        self._views.clear()
+
     def _base_graph(self) -> torch.fx.GraphModule:
         """graph_module without LoRA: a copy of the graph and modules sharing every parameter
-        and buffer (no weight is copied), made once and dropped when tensors move (_apply)."""
-        if self._base_view is None:
+        and buffer (no weight is copied)."""
+
+        def build():
             shared = {id(t): t for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers())}
             view = _deepcopy(self.graph_module, shared)
             variant = variant_of(self.spec)
             (variant.strip if variant else strip_lora)(view)
-            self.__dict__["_base_view"] = view
-        return self._base_view.train(self.training)
+            return view
+
+        return self.entry_point("base", build)
 
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__["_base_view"] = None
+        self.forget_views()
         return super()._apply(fn, *args, **kwargs)
 
     def _hf_inputs(self, args, kwargs):
@@ -290,6 +311,25 @@ class LoraModel(torch.nn.Module):
         finally:
             self._disabled = previous
 
+    @property
+    def generation_config(self):
+        """The original model's transformers GenerationConfig (generate's defaults), or None."""
+        return getattr(self._blueprint, "generation_config", None)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Token ids (prompt + new tokens), as transformers' `generate` returns them.
+
+        Decodes with a static KV cache on a second graph of this model (captured on first use,
+        over the same tensors: LoRA, NF4, named adapters and disable_adapters() apply as in
+        forward). Arguments: max_new_tokens (or max_length), do_sample, temperature, top_k,
+        top_p, eos_token_id (int or list), pad_token_id, generator (torch.Generator for
+        sampling), adapter_ids (one per row, with named adapters); defaults come from
+        `generation_config`. attention_mask marks left padding, as in transformers.
+        """
+        from lorafx.generation.generate import generate  # generation builds on core: import at call time
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     def save_quantized(self, directory: str | os.PathLike) -> None:
         """The base model as a transformers bitsandbytes 4-bit checkpoint folder: config.json with
         its quantization_config and model.safetensors with bnb's keys (LoRA goes in save_adapter)."""
@@ -317,8 +357,12 @@ class LoraModel(torch.nn.Module):
         `self` is left as it was, so there is no unmerge: keep training or saving the
         unmerged model and call merge() again when you need a deployable copy.
         """
-        merged = _deepcopy(self)
-        merged.__dict__["_base_view"] = None
+        views, self.__dict__["_views"] = self._views, {}  # views are rebuilt, not copied
+        try:
+            merged = _deepcopy(self)
+        finally:
+            self.__dict__["_views"] = views
+        merged._merged = True
         variant = variant_of(self.spec)
         if variant is not None:  # (IA)³ / VeRA: their own merge pass
             merged.pass_results = [variant.merge(merged.graph_module, self.spec)]
@@ -339,6 +383,29 @@ class LoraModel(torch.nn.Module):
             merge_lora(merged.graph_module, self.spec),
         ]
         return merged
+
+    def merge_and_unload(self) -> torch.nn.Module:
+        """A new instance of the original model class (a transformers model: `generate`,
+        `save_pretrained` work) with the adapter folded into its weights, as PEFT's
+        merge_and_unload returns. It shares no tensor with `self`: training either does not
+        change the other. From a QLoRA model every weight comes back dequantized, in the
+        compute dtype (bitsandbytes' dequantize, as PEFT's merge of a 4-bit model does)."""
+        merged = self.merge()
+        store = merged.graph_module
+        compute = getattr(self.spec, "compute_dtype", None)
+        for name, module in list(store.named_modules()):
+            if isinstance(module, NF4Storage):  # a quantized layer without an adapter: dequantize it
+                owner = store.get_submodule(name.rpartition(".")[0])
+                weight = module.nf4_weight().dequantize().to(compute or module.dtype)
+                if tuple(weight.shape) != tuple(self._blueprint.get_submodule(name.rpartition(".")[0]).weight.shape):
+                    weight = weight.T.contiguous()  # Conv1D keeps W as (in, out); NF4 holds Wᵀ
+                delattr(owner, STORAGE)
+                owner.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
+        model = skeleton(self._blueprint, store)
+        missing = [n for n, p in model.named_parameters() if p.stride() and 0 in p.stride() and p.numel() > 1]
+        if missing:
+            raise RuntimeError(f"merge_and_unload: no merged tensor for {missing[0]} ({len(missing)} parameters)")
+        return model.train(self.training)
 
 
 def print_trainable_parameters(model: torch.nn.Module) -> None:

@@ -47,7 +47,7 @@ def to_bank(lm) -> None:
         bank.append(*weights[path], lm.spec.scale)
     lm._adapters = {DEFAULT: Adapter(config, lm.spec.r, lm.spec.scale)}
     lm._active = DEFAULT
-    lm._base_view = None
+    lm.forget_views()
 
 
 def load_named(lm, directory, name: str) -> None:
@@ -75,6 +75,7 @@ def load_named(lm, directory, name: str) -> None:
                 bank.append(None, None, 0.0)
         bank.append(*pairs.get(path, (None, None)), scale)
     lm._adapters[name] = Adapter(config, r, scale)
+    lm.forget_views()  # views hold the banks they were built with
 
 
 def _pairs(tensors, sites, r, directory) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -147,9 +148,10 @@ def adapter_state(lm, name: str | None) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 @torch.compiler.disable  # host-side checks and names → slots; compiled graphs read the buffer it writes
-def write_ids(lm, batch: int, adapter_ids) -> None:
-    """Set the graph's per-row adapter slots: `adapter_ids` (names, BASE, or ints with -1 for
-    the base model; one per batch row) or, when None, the active adapter for every row."""
+def write_ids(lm, batch: int, adapter_ids, gm=None) -> None:
+    """Set the per-row adapter slots of `gm` (default: the training graph): `adapter_ids` (names,
+    BASE, or ints with -1 for the base model; one per batch row) or, when None, the active
+    adapter for every row."""
     if lm._adapters is None:
         if adapter_ids is not None:
             raise ValueError("adapter_ids= needs named adapters: load one with load_adapter(dir, name=...)")
@@ -171,8 +173,9 @@ def write_ids(lm, batch: int, adapter_ids) -> None:
     bad = [i for i in ids if not -1 <= i < len(listed)]
     if bad:
         raise ValueError(f"adapter id {bad[0]} is out of range: {len(listed)} adapters are loaded {listed}, -1 is the base model")
-    device = lm.graph_module._buffers[IDS].device
-    setattr(lm.graph_module, IDS, torch.tensor(ids, dtype=torch.long, device=device))
+    gm = lm.graph_module if gm is None else gm
+    device = gm._buffers[IDS].device
+    setattr(gm, IDS, torch.tensor(ids, dtype=torch.long, device=device))
 
 
 def _row_id(value, listed) -> int:

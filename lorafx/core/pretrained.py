@@ -9,7 +9,6 @@ plus one tensor. A checkpoint saved in bitsandbytes 4-bit format is loaded as is
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import os
@@ -25,7 +24,7 @@ from lorafx.passes import TRANSFORM_PASSES, match_linears, run_passes
 from lorafx.passes.common import LINEAR
 from lorafx.passes.quantize_nf4 import install_nf4
 
-from .capture import capture
+from .capture import capture, parameters_on_meta
 from .model import LoraModel
 from .spec import LoraSpec
 
@@ -64,7 +63,7 @@ def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None,
     dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = _build_model(config)
     _placeholders(model, dtype)
     model.eval()
@@ -93,24 +92,6 @@ def _read_config(directory):
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{directory!r} has no config.json: not a Hugging Face checkpoint folder")
     return transformers.AutoConfig.from_pretrained(directory)
-
-
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Build a model whose parameters are on the meta device (buffers stay real, as
-    accelerate's init_empty_weights(include_buffers=False) does)."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and not param.is_meta:  # a meta param is being tied: keep its identity
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
 
 
 def _placeholders(model, dtype):

@@ -152,13 +152,9 @@ def run_estimate(args) -> int:
 
 def run_merge(args) -> int:
     """Base + adapter → a Hugging Face folder with the merged weights (safetensors)."""
-    model, lm = load_with_adapter(args.base_dir, args.adapter_dir)
-    merged = lm.merge()
-    with torch.no_grad():
-        for name, param in merged.graph_module.named_parameters():
-            model.get_parameter(name).copy_(param)
+    _, lm = load_with_adapter(args.base_dir, args.adapter_dir)
     os.makedirs(args.out_dir, exist_ok=True)
-    model.save_pretrained(args.out_dir, safe_serialization=True)
+    lm.merge_and_unload().save_pretrained(args.out_dir, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(args.base_dir, name)):
             shutil.copy2(os.path.join(args.base_dir, name), args.out_dir)
