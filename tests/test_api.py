@@ -54,8 +54,8 @@ def test_same_output_type_and_hf_loss():
 
 def test_bad_inputs_at_call_time():
     lm = lorafx.transform(tiny_model("llama"), SPEC)
-    with pytest.raises(TypeError, match="unsupported inputs \\['position_ids'\\]"):
-        lm(token_batch(), position_ids=torch.arange(7)[None])
+    with pytest.raises(TypeError, match="unsupported inputs \\['inputs_embeds'\\]"):
+        lm(token_batch(), inputs_embeds=torch.zeros(2, 7, 32))
     with pytest.raises(TypeError, match="use_cache=True"):
         lm(token_batch(), use_cache=True)
     with pytest.raises(ValueError, match="batch and sequence length must be >= 1"):

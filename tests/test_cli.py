@@ -18,7 +18,7 @@ from lorafx.tools import cli
 from lorafx.tools.diagnose import diagnose, heat_colour
 
 LORAFX = os.path.join(os.path.dirname(sys.executable), "lorafx")
-COMMANDS = ["demo", "inspect", "estimate", "merge", "export", "quantize", "diagnose"]
+COMMANDS = ["demo", "inspect", "estimate", "merge", "generate", "export", "quantize", "diagnose"]
 
 
 def lorafx_cmd(*args, timeout=300):
@@ -104,6 +104,42 @@ def test_merge_writes_a_hf_folder_equal_to_lm_merge(checkpoint):
     merged = transformers.LlamaForCausalLM.from_pretrained(out_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(checkpoint["ids"]).logits, checkpoint["expected"])
+
+
+def word_tokenizer(words):
+    """A real transformers fast tokenizer (WordLevel, whitespace) built offline."""
+    import tokenizers
+
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=words[0]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0])
+
+
+def test_generate_streams_the_tokens_peft_generates(checkpoint, capsys, tmp_path):
+    theirs = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(checkpoint["base"]),
+                                            checkpoint["adapter"]).eval()
+    expected = theirs.generate(input_ids=torch.tensor([[5, 9, 12]]), max_new_tokens=6, do_sample=False)[0, 3:]
+    code, out, err = cli_run(["generate", checkpoint["base"], "--adapter", checkpoint["adapter"], "--prompt", "5 9 12",
+                              "--max-new-tokens", "6"], capsys)
+    assert code == 0, err
+    assert out.split() == ["5", "9", "12", "|", *map(str, expected.tolist())]
+    # With the checkpoint's tokenizer: text in, text out.
+    words = [f"w{i}" for i in range(96)]
+    with_tokenizer = tmp_path / "base"
+    transformers.LlamaForCausalLM.from_pretrained(checkpoint["base"]).save_pretrained(with_tokenizer)
+    word_tokenizer(words).save_pretrained(with_tokenizer)
+    code, out, err = cli_run(["generate", with_tokenizer, "--adapter", checkpoint["adapter"], "--prompt", "w5 w9 w12",
+                              "--max-new-tokens", "6"], capsys)
+    assert code == 0, err
+    assert out.split() == ["w5", "w9", "w12", *[words[i] for i in expected.tolist()]]
+    with theirs.disable_adapter():
+        base = theirs.generate(input_ids=torch.tensor([[5, 9, 12]]), max_new_tokens=6, do_sample=False)
+    code, out, _ = cli_run(["generate", checkpoint["base"], "--prompt", "5 9 12", "--max-new-tokens", "6"], capsys)
+    assert out.split()[4:] == list(map(str, base[0, 3:].tolist()))
+    code, out, err = cli_run(["generate", checkpoint["base"], "--prompt", "hello", "--max-new-tokens", "2"], capsys)
+    assert code == 1 and "no tokenizer" in err and "Traceback" not in err
 
 
 def test_merge_reads_the_adapter_type_ia3_like_peft(checkpoint, tmp_path):

@@ -28,7 +28,7 @@ from lorafx.variants import SPECS, files_for, variant_of
 from lorafx.variants.ia3 import IA3Spec
 from lorafx.variants.vera import VeraSpec
 
-from . import named_adapters
+from . import named_adapters, views
 from .capture import Captured, capture, skeleton
 from .nf4_memory import saved_nf4_weights
 from .spec import LoraSpec
@@ -109,7 +109,7 @@ class LoraModel(torch.nn.Module):
             with self._nf4_saved_as_nf4():
                 return graph(*args, **kwargs)
         inputs = self._hf_inputs(args, kwargs)
-        graph = self._graph(inputs["input_ids"].shape[0], adapter_ids)
+        graph = self._graph(inputs["input_ids"].shape[0], adapter_ids, tuple(inputs))
         with self._nf4_saved_as_nf4():
             out = graph(**inputs)
         if labels is not None:
@@ -143,16 +143,22 @@ class LoraModel(torch.nn.Module):
             return saved_nf4_weights()
         return contextlib.nullcontext()
 
-    def _graph(self, batch: int, adapter_ids) -> torch.fx.GraphModule:
+    def _graph(self, batch: int, adapter_ids, inputs=None) -> torch.fx.GraphModule:
         """The graph to run: the base model's inside disable_adapters(), else the LoRA graph
-        with its per-row adapter slots written."""
-        if self._disabled:
-            if adapter_ids is not None:
-                raise ValueError("adapter_ids= cannot be used inside disable_adapters()")
+        with its per-row adapter slots written; a view captured with other inputs
+        (position_ids) when the call has them."""
+        if self._disabled and adapter_ids is not None:
+            raise ValueError("adapter_ids= cannot be used inside disable_adapters()")
+        if inputs is not None and inputs != self.input_names:
+            key = ("inputs", inputs, self._disabled)
+            graph = self.entry_point(key, lambda: views.with_inputs(self, inputs, self._disabled))
+        elif self._disabled:
             return self._base_graph()
-        if self._adapters is not None or adapter_ids is not None:  # (no graph break for one adapter)
-            named_adapters.write_ids(self, batch, adapter_ids)
-        return self.graph_module
+        else:
+            graph = self.graph_module
+        if not self._disabled and (self._adapters is not None or adapter_ids is not None):
+            named_adapters.write_ids(self, batch, adapter_ids, gm=graph)
+        return graph
 
     # -- entry points over one parameter store ---------------------------------------------
     # graph_module owns every parameter and buffer (it is the store: state_dict, optimizers
@@ -196,11 +202,11 @@ class LoraModel(torch.nn.Module):
         kwargs.pop("return_dict", None)  # the graph always returns the model's output class
         if kwargs.pop("use_cache", False):
             raise TypeError("use_cache=True is not supported: the graph was captured without a KV cache")
-        unknown = sorted(set(kwargs) - set(self.input_names))
+        unknown = sorted(set(kwargs) - set(self.input_names) - {"position_ids"})
         if unknown:
             raise TypeError(
                 f"LoraModel got unsupported inputs {unknown}; the captured graph takes "
-                f"{list(self.input_names)} (and labels=)"
+                f"{list(self.input_names)} (and labels=, position_ids=)"
             )
         ids = kwargs.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -209,6 +215,8 @@ class LoraModel(torch.nn.Module):
             raise ValueError(f"input_ids must hold integer token ids, got {ids.dtype}")
         if 0 in ids.shape:
             raise ValueError(f"input_ids has shape {tuple(ids.shape)}: batch and sequence length must be >= 1")
+        if "position_ids" in kwargs:
+            return self._with_positions(ids, kwargs)
         if "attention_mask" in self.input_names and "attention_mask" not in kwargs:
             kwargs["attention_mask"] = torch.ones_like(ids)
         if kwargs["attention_mask"].shape != ids.shape:
@@ -216,6 +224,30 @@ class LoraModel(torch.nn.Module):
                 f"attention_mask shape {tuple(kwargs['attention_mask'].shape)} != input_ids shape {tuple(ids.shape)}"
             )
         return kwargs
+
+    def _with_positions(self, ids, kwargs):
+        """Inputs with position_ids, in the order the view takes them. As in transformers,
+        position_ids without an attention_mask mark packed sequences: a token attends only to
+        the tokens of its own document (positions restart at 0 where a document begins)."""
+        positions = kwargs["position_ids"]
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[1] != ids.shape[1] \
+                or positions.shape[0] not in (1, ids.shape[0]):
+            got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise ValueError(f"position_ids has shape {got}; input_ids is {tuple(ids.shape)}: give (batch or 1, sequence)")
+        if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            raise ValueError(f"position_ids must hold integer positions, got {positions.dtype}")
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        if positions.numel() and (int(positions.min()) < 0 or (limit is not None and int(positions.max()) >= limit)):
+            raise ValueError(f"position_ids must lie in 0..{limit - 1 if limit else 'max'}, got {int(positions.min())}..{int(positions.max())}")
+        out = {"input_ids": ids}
+        if "attention_mask" in kwargs:
+            if kwargs["attention_mask"].shape != ids.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(kwargs['attention_mask'].shape)} != input_ids shape {tuple(ids.shape)}"
+                )
+            out["attention_mask"] = kwargs["attention_mask"]
+        out["position_ids"] = positions.long().expand(ids.shape[0], -1)
+        return out
 
     # -- parameters ------------------------------------------------------------------------
     def named_lora_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:

@@ -9,29 +9,18 @@ positions not reached yet); `cache_position` says where in the cache the S new t
 cache tensors are buffers of the graph, updated in place (transformers' StaticCache, made
 exportable as its executorch integration does).
 
-The graph is captured from a skeleton of the original class (parameters: the store's own
-tensors, or one-element placeholders where the store holds NF4 instead), then the same pass
-pipeline as the training graph runs on it, and every parameter and buffer it ends up with is
-replaced by the training graph's tensor of the same name: no weight exists twice, and a
-load_adapter / set_adapter is seen by both graphs.
+It is a view (lorafx/core/views.py): captured from a skeleton of the original class, run
+through the training graph's pass pipeline, holding the training graph's own tensors.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import itertools
-import re
 
 import torch
 import transformers
 from transformers.integrations.executorch import get_head_shapes
 
-from lorafx.core.capture import CaptureError, capture, skeleton
-from lorafx.core.spec import LoraSpec
-from lorafx.passes import TRANSFORM_PASSES, dropout_follows_mode, match_linears, quantize_nf4, run_passes
-from lorafx.passes.adapter_bank import IDS, LoraBank, add_banks, banks, strip_lora
-from lorafx.passes.quantize_nf4 import STORAGE, NF4Storage
-from lorafx.variants import variant_of
+from lorafx.core.capture import CaptureError, skeleton
+from lorafx.core.views import device_of, recapture
 
 CACHE = "lorafx_kv_cache"  # graph buffers lorafx_kv_cache_<keys|values|length>_<layer>
 INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position")
@@ -64,7 +53,7 @@ def capture_decoder(lm, batch: int, cache_len: int, disabled: bool = False) -> t
         ).logits
 
     model.forward = decode
-    device = _device(store)
+    device = device_of(store)
     example = min(8, cache_len)
     kwargs = {
         "input_ids": torch.zeros(batch, example, dtype=torch.long, device=device),
@@ -74,50 +63,10 @@ def capture_decoder(lm, batch: int, cache_len: int, disabled: bool = False) -> t
     }
     seq = torch.export.Dim("seq", min=1, max=cache_len)
     shapes = {"input_ids": {1: seq}, "attention_mask": None, "position_ids": {1: seq}, "cache_position": {0: seq}}
-    spec, passes = _decode_passes(lm, store)
-    with torch.random.fork_rng(devices=[]):  # the passes draw LoRA inits, replaced below: keep the user's RNG
-        try:
-            gm = capture(model, example_kwargs=kwargs, dynamic_shapes=shapes).graph_module
-        except CaptureError as e:
-            raise CaptureError(f"the decode graph (static KV cache) could not be captured: {e}") from e
-        _share_nf4(gm, store)
-        run_passes(gm, spec, passes)
-        _drop_placeholders(gm, store)
-    variant = variant_of(spec)
-    if lm._adapters is not None:  # a bank graph: the same banks as the store's, shared
-        strip_lora(gm)
-        add_banks(gm, {path for path, _ in banks(store)})
-    if disabled and not lm._merged:
-        (variant.strip if variant else strip_lora)(gm)
-    _adopt(gm, store)
-    return gm
-
-
-def _decode_passes(lm, store):
-    """The training pipeline, made safe to run over the store's own tensors: nothing rewrites a
-    weight (no PiSSA/LoftQ init, NF4 only where the store already holds it) and no
-    checkpointing; a merged model gets no adapter."""
-    spec = lm.spec
-    if isinstance(spec, LoraSpec):
-        stored = [name.rpartition(".")[0] for name, m in store.named_modules() if isinstance(m, NF4Storage)]
-        keep = "|".join(map(re.escape, stored))
-        spec = dataclasses.replace(
-            spec,
-            init="kaiming",
-            checkpoint=None,
-            quantize="nf4" if stored else None,
-            quantize_skip=f"(?!(?:{keep})$).*" if stored else None,
-        )
-    if lm._merged:
-        return spec, [dropout_follows_mode, match_linears, quantize_nf4]
-    variant = variant_of(spec)
-    return spec, variant.passes if variant else TRANSFORM_PASSES
-
-
-def _device(store) -> torch.device:
-    for t in itertools.chain(store.parameters(), store.buffers()):
-        return t.device
-    return torch.device("cpu")
+    try:
+        return recapture(lm, model, kwargs, shapes, disabled, checkpoint=False)
+    except CaptureError as e:
+        raise CaptureError(f"the decode graph (static KV cache) could not be captured: {e}") from e
 
 
 def _dtype(store) -> torch.dtype:
@@ -143,40 +92,3 @@ def _static_cache(model, batch, cache_len, dtype):
     device = next(model.parameters()).device
     cache.early_initialization(batch, heads, head_dim, dtype, device)
     return cache
-
-
-def _share_nf4(gm, store) -> None:
-    """The store's NF4 storage modules, installed in the decode graph before quantize_nf4 runs
-    (which then uses them as loaded, quantizing nothing)."""
-    for name, module in store.named_modules():
-        if isinstance(module, NF4Storage):
-            gm.get_submodule(name.rpartition(".")[0]).add_module(STORAGE, module)
-
-
-def _drop_placeholders(gm, store) -> None:
-    """The placeholder weights of NF4 layers, which the graph no longer reads after quantize_nf4."""
-    for name, module in store.named_modules():
-        if isinstance(module, NF4Storage):
-            gm.get_submodule(name.rpartition(".")[0])._parameters.pop("weight", None)
-
-
-def _adopt(gm, store) -> None:
-    """Every parameter and buffer of `gm` becomes the store's tensor of the same name (buffers
-    the store lacks — the cache, constants the capture lifted — stay the graph's own); the
-    modules whose tensors change object as adapters come and go (banks, NF4) are shared whole."""
-    for name, module in store.named_modules():
-        if isinstance(module, (LoraBank, NF4Storage)):
-            parent, _, leaf = name.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
-    tensors = dict(store.named_parameters(remove_duplicate=False)) | dict(store.named_buffers(remove_duplicate=False))
-    for kind in ("_parameters", "_buffers"):
-        for path, module in gm.named_modules():
-            for leaf, tensor in list(getattr(module, kind).items()):
-                name = f"{path}.{leaf}" if path else leaf
-                if tensor is None or name.startswith(CACHE) or name == IDS:
-                    continue
-                if name not in tensors:
-                    if kind == "_buffers":  # a constant the capture lifted (lifted_tensor_0): the graph's own
-                        continue
-                    raise CaptureError(f"the decode graph has parameter {name}, which the training graph lacks")
-                getattr(module, kind)[leaf] = tensors[name]

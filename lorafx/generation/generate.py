@@ -34,13 +34,14 @@ def generate(
     adapter_ids=None,
     max_length: int | None = None,
     use_cache: bool = True,
+    streamer=None,
     **unsupported,
 ) -> torch.Tensor:
     """See LoraModel.generate."""
     if unsupported:
         raise GenerationError(
             f"generate does not support {sorted(unsupported)}; it takes max_new_tokens/max_length, do_sample, "
-            "temperature, top_k, top_p, eos_token_id, pad_token_id, attention_mask, generator, adapter_ids"
+            "temperature, top_k, top_p, eos_token_id, pad_token_id, attention_mask, generator, adapter_ids, streamer"
         )
     if lm.config is None or lm.generation_config is None:
         raise GenerationError(f"generate needs a Hugging Face language model; {lm.model_class} has no decode path")
@@ -71,7 +72,13 @@ def generate(
             f"prompt ({prompt} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's "
             f"max_position_embeddings ({limit})"
         )
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise GenerationError(f"streamer must have put() and end() (a transformers TextStreamer), got {type(streamer).__name__}")
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     if max_new_tokens == 0:
+        if streamer is not None:
+            streamer.end()
         return input_ids
     cache_len = -(-total // BUCKET) * BUCKET
     cache_len = min(cache_len, limit) if limit is not None else cache_len
@@ -107,6 +114,8 @@ def generate(
                 chosen = scores.argmax(-1)
             chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad))
             tokens.append(chosen[:, None])
+            if streamer is not None:
+                streamer.put(chosen.cpu())
             if eos_t is not None:
                 unfinished &= ~torch.isin(chosen, eos_t)
             if step == max_new_tokens - 1 or not bool(unfinished.any()):
@@ -118,6 +127,8 @@ def generate(
                 cache_position=torch.tensor([where], device=device),
             )
             next_position = next_position + 1
+    if streamer is not None:
+        streamer.end()
     return torch.cat(tokens, dim=1)
 
 

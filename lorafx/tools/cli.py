@@ -9,6 +9,7 @@ argparse), 1 for a failure while running.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -167,6 +168,57 @@ def run_merge(args) -> int:
     return 0
 
 
+def run_generate(args) -> int:
+    """A prompt → the model's continuation (with an adapter, or the base model), streamed."""
+    if args.adapter:
+        _, lm = load_with_adapter(args.model_dir, args.adapter)
+        context = contextlib.nullcontext()
+    else:
+        config = transformers.AutoConfig.from_pretrained(args.model_dir)
+        if getattr(config, "quantization_config", None) is not None:
+            raise ValueError(f"{args.model_dir} is a quantized checkpoint: generate from the full-precision model")
+        lm = transform(model_class(config).from_pretrained(args.model_dir, use_safetensors=True), LoraSpec())
+        context = lm.disable_adapters()
+    tokenizer = tokenizer_of(args.model_dir)
+    if tokenizer is not None:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        streamer = transformers.TextStreamer(tokenizer)
+    else:
+        try:
+            ids = torch.tensor([[int(t) for t in args.prompt.replace(",", " ").split()]])
+        except ValueError:
+            raise ValueError(f"{args.model_dir} has no tokenizer: give the prompt as token ids, e.g. --prompt '1 5 9'") from None
+        streamer = IdStreamer()
+    g = torch.Generator().manual_seed(args.seed)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if args.do_sample else {}
+    with context:
+        lm.eval().generate(ids, max_new_tokens=args.max_new_tokens, generator=g, streamer=streamer, **sampling)
+    return 0
+
+
+def tokenizer_of(directory: str):
+    """The checkpoint's tokenizer, or None when the folder has none."""
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES):
+        return None
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+class IdStreamer:
+    """Prints token ids as generate produces them (transformers' streamer protocol)."""
+
+    def __init__(self):
+        self.prompt = True
+
+    def put(self, tokens):
+        print(" ".join(str(int(t)) for t in tokens.flatten()), end="" if self.prompt else " ", flush=True)
+        if self.prompt:
+            print(" |", end=" ", flush=True)
+        self.prompt = False
+
+    def end(self):
+        print(flush=True)
+
+
 def run_export(args) -> int:
     """Base + adapter → merged → a torch.export program (or AOTInductor package)."""
     if not args.out.endswith(".pt2"):
@@ -322,6 +374,21 @@ def build_parser() -> Parser:
     p.add_argument("adapter_dir", type=existing_dir, help="adapter folder (lorafx or PEFT)")
     p.add_argument("out_dir", help="output folder")
     p.set_defaults(run=run_merge)
+
+    p = commands.add_parser("generate", help="continue a prompt with a model (and adapter), streaming tokens",
+                            description="Load MODEL_DIR (and the adapter in --adapter), and print the continuation "
+                                        "of --prompt as it is generated: text with the checkpoint's tokenizer, "
+                                        "token ids (prompt | new tokens) when the folder has none.")
+    p.add_argument("model_dir", type=existing_dir, help="full-precision Hugging Face causal-LM checkpoint folder")
+    p.add_argument("--adapter", type=existing_dir, metavar="DIR", help="adapter folder (lorafx or PEFT)")
+    p.add_argument("--prompt", required=True, help="text, or token ids ('1 5 9') for a folder without a tokenizer")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N", help="tokens to generate (default 32)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (default 50; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.set_defaults(run=run_generate)
 
     p = commands.add_parser("export", help="merge an adapter and export a .pt2 program",
                             description="Load BASE_DIR and the adapter in ADAPTER_DIR, merge, and write a "
