@@ -166,3 +166,59 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
         lorafx.export(merged, path, token_batch())
     assert path.read_bytes() == b"previous export"
     assert os.listdir(tmp_path) == ["model.pt2"]
+
+
+def readme_decode_loop() -> str:
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    block = readme.split("<!-- decode-loop -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    return block.replace('torch.export.load("decoder.pt2")', "torch.export.load(sys.argv[1])")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_kv_cache_program_decodes_like_generate_without_lorafx(tmp_path, arch):
+    from conftest import tiny_model
+
+    lm = lorafx.transform(tiny_model(arch), lorafx.LoraSpec(r=4, targets="all-linear"))
+    with torch.no_grad():
+        for _, p in lm.named_lora_parameters():
+            p.normal_(std=0.2)
+    lm.eval()
+    ids = token_batch(2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    expected = lm.generate(ids, attention_mask=mask, max_new_tokens=10)
+    lorafx.export(lm.merge(), tmp_path / "decoder.pt2", ids, kv_cache=True, cache_len=32)
+    safetensors.torch.save_file({"ids": ids, "mask": mask}, tmp_path / "inputs.safetensors")
+    script = "\n".join([
+        "import sys",
+        "sys.modules['lorafx'] = None; sys.modules['transformers'] = None  # neither may be needed",
+        readme_decode_loop(),
+        "import safetensors.torch",
+        f"inputs = safetensors.torch.load_file({str(tmp_path / 'inputs.safetensors')!r})",
+        "first = greedy(program, inputs['ids'], inputs['mask'], 10, cache_len=32)",
+        "again = greedy(program, inputs['ids'], inputs['mask'], 10, cache_len=32)  # the cache is reused",
+        f"safetensors.torch.save_file({{'first': first, 'again': again}}, {str(tmp_path / 'out.safetensors')!r})",
+    ])
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "decoder.pt2")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = safetensors.torch.load_file(tmp_path / "out.safetensors")
+    assert torch.equal(out["first"], expected) and torch.equal(out["again"], expected)
+
+
+def test_kv_cache_bad_arguments_are_named(tmp_path):
+    from conftest import tiny_model
+
+    merged = lorafx.transform(tiny_model("gpt2"), lorafx.LoraSpec(r=2, targets=["c_attn"])).merge()
+    ids = token_batch(2, 4)
+    with pytest.raises(ExportError, match="AOTInductor"):
+        lorafx.export(merged, tmp_path / "d.pt2", ids, kv_cache=True, aot_inductor=True)
+    with pytest.raises(ExportError, match=r"cache_len=65 .*\(64\)"):
+        lorafx.export(merged, tmp_path / "d.pt2", ids, kv_cache=True, cache_len=65)
+    with pytest.raises(ExportError, match="needs kv_cache=True"):
+        lorafx.export(merged, tmp_path / "d.pt2", ids, cache_len=16)
+    with pytest.raises(ExportError, match="kv_cache=True exports a causal language model"):
+        lorafx.export(lorafx.transform(MLP(), lorafx.LoraSpec(r=2, targets=["up"]), example_args=(torch.randn(2, 8),)).merge(),
+                      tmp_path / "d.pt2", torch.randn(2, 8), kv_cache=True)
+    assert not os.path.exists(tmp_path / "d.pt2")

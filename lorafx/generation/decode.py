@@ -64,9 +64,30 @@ def capture_decoder(lm, batch: int, cache_len: int, disabled: bool = False) -> t
     seq = torch.export.Dim("seq", min=1, max=cache_len)
     shapes = {"input_ids": {1: seq}, "attention_mask": None, "position_ids": {1: seq}, "cache_position": {0: seq}}
     try:
-        return recapture(lm, model, kwargs, shapes, disabled, checkpoint=False)
+        gm = recapture(lm, model, kwargs, shapes, disabled, checkpoint=False)
     except CaptureError as e:
         raise CaptureError(f"the decode graph (static KV cache) could not be captured: {e}") from e
+    _one_name_per_cache_tensor(gm)
+    return gm
+
+
+def _one_name_per_cache_tensor(gm) -> None:
+    """The capture reads the cache through the StaticCache object, so it also lifts each cache
+    tensor as a constant (lifted_tensor_N) beside its buffer: point the graph at the buffer
+    and drop the alias (AOTInductor refuses a mutated tensor under two names)."""
+    names = {id(t): name for name, t in gm.named_buffers() if name.startswith(CACHE)}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target.startswith(CACHE):
+            continue
+        owner_path, _, leaf = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        tensor = getattr(owner, leaf)
+        if id(tensor) in names:
+            node.target = names[id(tensor)]
+            owner._buffers.pop(leaf, None)
+            if hasattr(owner, leaf):
+                delattr(owner, leaf)
+    gm.recompile()
 
 
 def _dtype(store) -> torch.dtype:

@@ -22,6 +22,8 @@ from lorafx.core.model import LoraModel
 from lorafx.formats.files import write_atomically
 from lorafx.passes import graph_nodes
 
+from .decode import INPUTS, capture_decoder
+
 LORA_CHOICES = (None, "keep")
 QUANTIZE_CHOICES = (None, "keep")
 
@@ -41,6 +43,18 @@ class _Logits(torch.nn.Module):
         return {"logits": self.model(input_ids, attention_mask=attention_mask).logits}
 
 
+class _DecodeLogits(torch.nn.Module):
+    """What a kv_cache program runs: the decode graph (cache buffers updated in place)."""
+
+    def __init__(self, decoder: torch.fx.GraphModule):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids, attention_mask, position_ids, cache_position):
+        return {"logits": self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache_position=cache_position)}
+
+
 def export(
     module: LoraModel,
     path: str | os.PathLike,
@@ -49,6 +63,8 @@ def export(
     aot_inductor: bool = False,
     lora: str | None = None,
     quantize: str | None = None,
+    kv_cache: bool = False,
+    cache_len: int | None = None,
 ) -> str:
     """Write `module` (in eval mode) to `path` and return the path.
 
@@ -72,6 +88,14 @@ def export(
         the NF4 grid a second time, and for a 1024×1024 Gaussian weight with a LoRA update
         of 2.5% of its norm that rounding error measured 1.08× the update itself.
 
+    kv_cache: for a Hugging Face causal LM, a decoder with a static KV cache for the example's
+        batch size and `cache_len` positions (default: max_position_embeddings, at most 2048),
+        held as buffers the program updates in place. One program runs the prefill and each
+        step: program(input_ids=(B, S), attention_mask=(B, cache_len), position_ids=(B, S),
+        cache_position=(S,)) → {"logits": (B, S, vocab)}; attention_mask is 1 where the cache
+        holds a real token (prompt and generated so far), 0 elsewhere (see the README's decode
+        loop). S is dynamic (1..cache_len), the batch size fixed.
+
     Returns `{"logits": tensor}` for a Hugging Face model (plain outputs: torch.export.load
     cannot rebuild HF ModelOutput classes), otherwise what the model's forward returns.
 
@@ -84,11 +108,23 @@ def export(
         )
     path = os.fspath(path)
     _check_choices(path, dynamic, aot_inductor, lora, quantize)
+    if not isinstance(kv_cache, bool):
+        raise ExportError(f"kv_cache={kv_cache!r} is invalid: allowed is True or False")
     _check_graph(module, aot_inductor, lora, quantize)
     was_training = module.training
     module.eval()  # dropout off: a deployed program is an inference program
+    if kv_cache and aot_inductor:
+        raise ExportError(
+            "kv_cache=True with aot_inductor=True is refused: AOTInductor (torch 2.13) compiles the static-cache "
+            "decoder to wrong logits on batches with padding (measured 0.28 off; torch.export and torch.compile "
+            "of the same program are exact). Export the program and torch.compile its module() instead"
+        )
     try:
-        if module.input_names is None:
+        if kv_cache:
+            ep = _export_decoder(module, example_inputs, cache_len)
+        elif cache_len is not None:
+            raise ExportError("cache_len is the KV cache's length: it needs kv_cache=True")
+        elif module.input_names is None:
             ep = _export_plain(module, example_inputs, dynamic)
         else:
             ep = _export_hf(module, example_inputs, dynamic)
@@ -175,6 +211,30 @@ def _export_hf(module: LoraModel, example_inputs, dynamic: bool) -> torch.export
             )
         shapes = hf_dynamic_shapes(module.config, inputs)
     return torch.export.export(_Logits(module), (), dict(inputs), dynamic_shapes=shapes, strict=False)
+
+
+def _export_decoder(module: LoraModel, example_inputs, cache_len) -> torch.export.ExportedProgram:
+    if module.input_names is None or module.generation_config is None:
+        raise ExportError(f"kv_cache=True exports a causal language model's decoder; {module.model_class} is not one")
+    ids = example_inputs.get("input_ids") if isinstance(example_inputs, Mapping) else example_inputs
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ExportError("example_inputs for kv_cache=True is an input_ids tensor (batch, prompt): its batch size is the program's")
+    limit = getattr(module.config.get_text_config(), "max_position_embeddings", None) or 2048
+    cache_len = min(limit, 2048) if cache_len is None else cache_len
+    if isinstance(cache_len, bool) or not isinstance(cache_len, int) or not 1 <= cache_len <= limit:
+        raise ExportError(f"cache_len={cache_len!r} is invalid: an integer from 1 to max_position_embeddings ({limit})")
+    decoder = _DecodeLogits(capture_decoder(module, ids.shape[0], cache_len))
+    batch, seq = ids.shape[0], min(max(ids.shape[1], 2), cache_len)
+    example = {
+        "input_ids": torch.zeros(batch, seq, dtype=torch.long, device=ids.device),
+        "attention_mask": torch.ones(batch, cache_len, dtype=torch.long, device=ids.device),
+        "position_ids": torch.arange(seq, device=ids.device).expand(batch, seq),
+        "cache_position": torch.arange(seq, device=ids.device),
+    }
+    step = torch.export.Dim("seq", min=1, max=cache_len)
+    shapes = {"input_ids": {1: step}, "attention_mask": None, "position_ids": {1: step}, "cache_position": {0: step}}
+    assert tuple(example) == INPUTS
+    return torch.export.export(decoder, (), example, dynamic_shapes=shapes, strict=False)
 
 
 def _export_plain(module: LoraModel, example_inputs, dynamic: bool) -> torch.export.ExportedProgram:
