@@ -183,3 +183,16 @@ def test_generate_refuses_what_it_cannot_do_by_name(tmp_path):
                              example_args=(torch.randn(2, 4),))
     with pytest.raises(GenerationError, match="Hugging Face language model"):
         plain.generate(ids)
+
+
+def test_compiled_generate_gives_the_eager_tokens():
+    lm = lorafx.transform(tiny_model("llama"), lorafx.LoraSpec(r=4, targets="all-linear"))
+    with torch.no_grad():
+        for _, p in lm.named_lora_parameters():
+            p.normal_(std=0.2)
+    lm.eval()
+    ids, mask = left_padded()
+    eager = lm.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(lm.generate(ids, attention_mask=mask, max_new_tokens=8, compile=True), eager)
+    with pytest.raises(GenerationError, match="compile="):
+        lm.generate(ids, compile="yes")

@@ -355,8 +355,10 @@ class LoraModel(torch.nn.Module):
         over the same tensors: LoRA, NF4, named adapters and disable_adapters() apply as in
         forward). Arguments: max_new_tokens (or max_length), do_sample, temperature, top_k,
         top_p, eos_token_id (int or list), pad_token_id, generator (torch.Generator for
-        sampling), adapter_ids (one per row, with named adapters); defaults come from
-        `generation_config`. attention_mask marks left padding, as in transformers.
+        sampling), adapter_ids (one per row, with named adapters), streamer (transformers'
+        TextStreamer protocol), compile (the decode graph through torch.compile with backend
+        "lorafx"); defaults come from `generation_config`. attention_mask marks left padding,
+        as in transformers.
         """
         from lorafx.generation.generate import generate  # generation builds on core: import at call time
 

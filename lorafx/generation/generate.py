@@ -35,14 +35,17 @@ def generate(
     max_length: int | None = None,
     use_cache: bool = True,
     streamer=None,
+    compile: bool = False,
     **unsupported,
 ) -> torch.Tensor:
     """See LoraModel.generate."""
     if unsupported:
         raise GenerationError(
             f"generate does not support {sorted(unsupported)}; it takes max_new_tokens/max_length, do_sample, "
-            "temperature, top_k, top_p, eos_token_id, pad_token_id, attention_mask, generator, adapter_ids, streamer"
+            "temperature, top_k, top_p, eos_token_id, pad_token_id, attention_mask, generator, adapter_ids, streamer, compile"
         )
+    if not isinstance(compile, bool):
+        raise GenerationError(f"compile={compile!r} is invalid: allowed is True or False")
     if lm.config is None or lm.generation_config is None:
         raise GenerationError(f"generate needs a Hugging Face language model; {lm.model_class} has no decode path")
     if use_cache is not True:
@@ -86,12 +89,15 @@ def generate(
         raise GenerationError("adapter_ids= cannot be used inside disable_adapters()")
     key = ("decode", batch, cache_len, lm._disabled)
     if key not in lm._views:  # each decode graph holds its own cache: keep the newest two
-        for old in [k for k in lm._views if k[0] == "decode"][:-1]:
+        for old in [k for k in lm._views if k[0] == "decode" and len(k) == len(key)][:-1]:
             del lm._views[old]
+            lm._views.pop((*old, "compiled"), None)
     decoder = lm.entry_point(key, lambda: capture_decoder(lm, batch, cache_len, lm._disabled))
     if lm._adapters is not None or adapter_ids is not None:
         if not lm._disabled:
             named_adapters.write_ids(lm, batch, adapter_ids, gm=decoder)
+    if compile:  # the decode graph through backend "lorafx" (prefill and step: two compiled graphs)
+        decoder = lm.entry_point((*key, "compiled"), lambda: torch.compile(decoder, backend="lorafx", dynamic=True))
 
     device = input_ids.device
     mask = torch.zeros(batch, cache_len, dtype=torch.long, device=device)
