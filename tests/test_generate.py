@@ -96,6 +96,8 @@ def test_mixed_adapter_rows_each_equal_that_adapter_alone(tmp_path):
     assert torch.equal(base, tiny_model("llama").generate(ids, max_new_tokens=8, do_sample=False))
     with pytest.raises(Exception, match="nope"):
         lm.generate(ids, adapter_ids=["nope"] * 4, max_new_tokens=2)
+    with pytest.raises(ValueError, match="adapter id 9 is out of range"):
+        lm.generate(ids, adapter_ids=[0, 1, 9, -1], max_new_tokens=2)
 
 
 def test_decode_graph_holds_the_store_tensors_and_sees_a_new_adapter(tmp_path):
