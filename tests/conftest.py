@@ -50,3 +50,14 @@ def token_batch(batch=2, seq=7, seed=1):
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+def word_tokenizer(words):
+    """A real transformers fast tokenizer (WordLevel, whitespace) built offline."""
+    import tokenizers
+
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=words[0]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0])

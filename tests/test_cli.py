@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import lorafx
-from conftest import tiny_model
+from conftest import tiny_model, word_tokenizer
 from lorafx.tools import cli
 from lorafx.tools.diagnose import diagnose, heat_colour
 
@@ -104,17 +104,6 @@ def test_merge_writes_a_hf_folder_equal_to_lm_merge(checkpoint):
     merged = transformers.LlamaForCausalLM.from_pretrained(out_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(checkpoint["ids"]).logits, checkpoint["expected"])
-
-
-def word_tokenizer(words):
-    """A real transformers fast tokenizer (WordLevel, whitespace) built offline."""
-    import tokenizers
-
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=words[0]))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0])
 
 
 def test_generate_streams_the_tokens_peft_generates(checkpoint, capsys, tmp_path):

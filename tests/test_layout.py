@@ -95,7 +95,8 @@ ALLOWED = {
     "variants": {"formats", "passes", "core"},
     "runtime": {"formats", "passes", "core", "variants"},
     "generation": {"formats", "passes", "core", "variants"},
-    "tools": {"kernels", "formats", "passes", "core", "variants", "runtime", "generation"},
+    "serving": {"formats", "passes", "core", "variants", "generation"},
+    "tools": {"kernels", "formats", "passes", "core", "variants", "runtime", "generation", "serving"},
 }
 
 

@@ -50,7 +50,7 @@ def generate(
         raise GenerationError(f"generate needs a Hugging Face language model; {lm.model_class} has no decode path")
     if use_cache is not True:
         raise GenerationError("generate always decodes with a static KV cache: use_cache must be True")
-    config = _config(lm.generation_config)
+    config = settings(lm.generation_config)
     input_ids, attention_mask = _check_inputs(lm, input_ids, attention_mask)
     batch, prompt = input_ids.shape
     if max_new_tokens is None and max_length is not None:
@@ -63,8 +63,8 @@ def generate(
     temperature = config["temperature"] if temperature is None else temperature
     top_k = config["top_k"] if top_k is None else top_k
     top_p = config["top_p"] if top_p is None else top_p
-    _check_sampling(temperature, top_k, top_p)
-    eos = _token_list(config["eos_token_id"] if eos_token_id is None else eos_token_id, "eos_token_id")
+    check_sampling(temperature, top_k, top_p)
+    eos = token_list(config["eos_token_id"] if eos_token_id is None else eos_token_id, "eos_token_id")
     pad = config["pad_token_id"] if pad_token_id is None else pad_token_id
     if pad is None:
         pad = eos[0] if eos else 0  # transformers: pad_token_id = eos_token_id
@@ -114,7 +114,7 @@ def generate(
         for step in range(max_new_tokens):
             scores = logits[:, -1, :].float()
             if do_sample:
-                probs = torch.softmax(_warp(scores, temperature, top_k, top_p), dim=-1)
+                probs = torch.softmax(warp(scores, temperature, top_k, top_p), dim=-1)
                 chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 chosen = scores.argmax(-1)
@@ -147,7 +147,7 @@ NO_OP = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "
          "forced_eos_token_id": None, "num_return_sequences": 1, "penalty_alpha": None, "length_penalty": 1.0}
 
 
-def _config(generation_config) -> dict:
+def settings(generation_config) -> dict:
     """generate's defaults: the model's generation_config over transformers' defaults; a setting
     lorafx does not apply (repetition_penalty, beams, ...) is refused by name, not ignored."""
     config = dict(DEFAULTS)
@@ -191,7 +191,7 @@ def _check_inputs(lm, input_ids, attention_mask):
     return input_ids, attention_mask
 
 
-def _check_sampling(temperature, top_k, top_p) -> None:
+def check_sampling(temperature, top_k, top_p) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise GenerationError(f"temperature must be a number > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
@@ -200,7 +200,7 @@ def _check_sampling(temperature, top_k, top_p) -> None:
         raise GenerationError(f"top_p must be a number with 0 < top_p <= 1, got {top_p!r}")
 
 
-def _token_list(value, field) -> list[int]:
+def token_list(value, field) -> list[int]:
     if value is None:
         return []
     if isinstance(value, torch.Tensor):
@@ -211,7 +211,7 @@ def _token_list(value, field) -> list[int]:
     return list(values)
 
 
-def _warp(scores, temperature, top_k, top_p):
+def warp(scores, temperature, top_k, top_p):
     """transformers' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, in that order."""
     if temperature != 1.0:
         scores = scores / temperature

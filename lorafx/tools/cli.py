@@ -1,4 +1,4 @@
-"""The `lorafx` command: demo, inspect, estimate, merge, export, quantize, diagnose.
+"""The `lorafx` command: demo, inspect, estimate, merge, generate, export, quantize, diagnose, serve.
 
 Every command checks its arguments before it loads anything, and a problem it can name —
 a missing folder, a bad number, an unknown config, a checkpoint that does not match — ends
@@ -430,7 +430,69 @@ def build_parser() -> Parser:
                    help="also write a heatmap: a row per layer in table order, columns " + ", ".join(HEATMAP_COLUMNS)
                         + "; each in [0, 1], dark purple (0) to yellow (1)")
     p.set_defaults(run=run_diagnose)
+
+    p = commands.add_parser("serve", help="an OpenAI-compatible server: one base model, many adapters, continuous batching",
+                            description="Serve MODEL_DIR (and the adapters of --lora-modules) with vLLM's OpenAI "
+                                        "routes: /v1/completions, /v1/chat/completions, /v1/models, "
+                                        "/v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics. The "
+                                        "request's `model` picks the adapter; requests for different adapters "
+                                        "share each decode step.")
+    p.add_argument("model_dir", type=existing_dir, help="Hugging Face causal-LM checkpoint folder with a tokenizer")
+    p.add_argument("--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=DIR",
+                   help="adapters to serve, each as name=folder (lorafx or PEFT)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: a free one)")
+    p.add_argument("--served-model-name", metavar="NAME", help="the base model's name in requests (default: the folder's name)")
+    p.add_argument("--quantize", choices=["nf4"], help="store the base model's linear weights as NF4")
+    p.add_argument("--max-batch", type=positive_int, default=16, metavar="N", help="rows of the running batch (default 16)")
+    p.add_argument("--max-model-len", type=positive_int, metavar="N",
+                   help="prompt + completion tokens per request (default: min(max_position_embeddings, 2048))")
+    p.add_argument("--max-queue", type=positive_int, default=64, metavar="N",
+                   help="requests waiting for a row before new ones get 429 (default 64)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="seconds per request (default 600)")
+    p.add_argument("--compile", action="store_true", help="run the decode graph through torch.compile (backend lorafx)")
+    p.set_defaults(run=run_serve)
     return parser
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an adapter as name=folder")
+    return name, existing_dir(path)
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return port
+
+
+def run_serve(args) -> int:
+    """Load the base model and adapters, then serve until interrupted."""
+    from lorafx.serving import load, server  # uvicorn and starlette only for this command
+
+    if server.uvicorn is None:
+        raise ValueError("lorafx serve needs uvicorn and starlette: pip install 'lorafx[serve]'")
+    adapters = dict(args.lora_modules)
+    if len(adapters) != len(args.lora_modules):
+        raise ValueError("--lora-modules names an adapter twice")
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model_dir))
+    if name in adapters:
+        raise ValueError(f"{name!r} is the base model's name; give the adapter another one")
+    if not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    lm, tokenizer = load.load(args.model_dir, adapters, quantize=args.quantize)
+    engine = server.Engine(lm, tokenizer, max_batch=args.max_batch, max_model_len=args.max_model_len,
+                           max_queue=args.max_queue, request_timeout=args.request_timeout, compile=args.compile)
+    app = server.Server(engine, name, adapters, host=args.host, port=args.port)
+    print(f"serving {name} with {len(adapters)} adapters ({', '.join(adapters) or 'none'}) on {app.url}/v1", flush=True)
+    app.run()
+    return 0
 
 
 def main(argv=None) -> int:
