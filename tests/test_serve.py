@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -18,6 +19,7 @@ from conftest import VOCAB, tiny_model, word_tokenizer
 from test_multi_adapter import ADAPTERS, peft_oracle, save_peft_adapters
 
 from lorafx.serving import load
+from lorafx.serving.engine import Request, Sampling
 from lorafx.serving.server import Engine, Server
 
 WORDS = [f"w{i}" for i in range(VOCAB)]
@@ -107,6 +109,39 @@ def test_concurrent_mixed_adapter_requests_each_equal_that_adapter_alone(server,
     assert got == expected
     generated = sum(len(e.split()) for e in expected)
     assert int(metric(server, "lorafx_decode_steps_total")) - steps_before < generated  # rows shared steps
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_rows_keep_their_tokens_when_the_cache_is_compacted(folders, oracle, compile):
+    """A 20-slot cache for requests of up to 16 tokens: the shared write pointer runs out every
+    few steps, and each row's live slots move to the front while the others keep decoding
+    (compiled: the same through torch.compile with backend "lorafx", ~35 s here)."""
+    lm, tokenizer = load.load(folders["base"], {name: folders["adapters"][name] for name in ADAPTERS})
+    engine = Engine(lm, tokenizer, max_batch=3, max_model_len=20, compile=compile).start()
+    names, texts, results = ["sql", "chat", None, "tiny"] * 2, prompts(8), {}
+    done = threading.Event()
+
+    def sink_for(i):
+        parts = []
+
+        def sink(kind, **data):
+            if kind == "text":
+                parts.append(data["delta"])
+            else:
+                results[i] = "".join(parts) if kind == "done" else data
+                if len(results) == len(names):
+                    done.set()
+        return sink
+
+    try:
+        for i, (name, text) in enumerate(zip(names, texts)):
+            ids = tokenizer(text).input_ids
+            engine.submit(Request(ids, name, Sampling(max_tokens=10, temperature=0), sink_for(i), TIMEOUT))
+        assert done.wait(TIMEOUT)
+    finally:
+        engine.stop()
+    assert [results[i] for i in range(len(names))] == [oracle(n, t, 10) for n, t in zip(names, texts)]
+    assert engine.metrics.compactions >= 2
 
 
 def test_chat_completions_use_the_chat_template(client, oracle):

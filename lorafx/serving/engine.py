@@ -1,10 +1,13 @@
 """The serving engine: continuous batching of requests for many adapters over one decode graph.
 
-One thread owns the model. It keeps `max_batch` rows of the decode graph (a static KV cache of
+One thread owns the model. It keeps rows of the decode graph (a static KV cache of
 `max_model_len` slots per row, lorafx/generation/decode.py) and between two steps lets finished
-requests leave and waiting ones join. Every step feeds all rows one chunk of T columns: a
-decoding row its last token in the last column, a joining row its prompt left-padded to T, an
-idle row padding. The attention mask over the cache says which slots a row sees, the position
+requests leave and waiting ones join. The graph's batch is a bucket (1, 2, 4, ... up to
+`max_batch`) just above the running requests: a bucket change copies the live rows' cache into
+the other bucket's graph, so one request does not pay for `max_batch` rows.
+
+Every step feeds all rows one chunk of T columns: a decoding row its last token in the last
+column, a joining row its prompt left-padded to T, an idle row padding. The attention mask over the cache says which slots a row sees, the position
 ids count each row's own tokens, and each row's adapter id picks its adapter in the bank
 (lorafx::multi_lora): rows of different adapters and lengths share every forward.
 
@@ -87,6 +90,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.steps = 0
+        self.compactions = 0  # times the rows' cache slots were moved to the front
         self.batch_size = 0  # rows in the last step
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)  # (time, tokens) per step
 
@@ -132,15 +136,17 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._controls: collections.deque = collections.deque()
-        self._rows: list[Request | None] = [None] * max_batch
+        self._rows: list[Request | None] = []
+        self._buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._build()
 
     # -- what the server calls (any thread) ------------------------------------------------
     def adapters(self) -> list[str]:
-        """Loaded adapters by name ("default", the model's own zero adapter, is kept hidden)."""
-        return [n for n in named_adapters.names(self.lm) if n != named_adapters.DEFAULT]
+        """Loaded adapters by name ("default", the model's own zero adapter, is kept hidden);
+        a snapshot the engine thread renews after each load or unload."""
+        return list(self._names)
 
     def submit(self, request: Request) -> None:
         if request.adapter is not None and request.adapter not in self.adapters():
@@ -206,18 +212,40 @@ class Engine:
 
     # -- the engine thread ---------------------------------------------------------------
     def _build(self) -> None:
-        """The decode graph over the current bank, its cache tensors and per-row state."""
+        """Decode graphs over the current bank (no request running), starting at the smallest bucket."""
         self.lm.forget_views()  # a load/unload changed the bank: views built before hold the old one
-        batch, length = self.max_batch, self.max_model_len
-        gm = self.lm.entry_point(("serve", batch, length), lambda: capture_decoder(self.lm, batch, length))
-        self._decoder = torch.compile(gm, backend="lorafx", dynamic=True) if self.compile else gm
-        buffers = dict(gm.named_buffers())
-        self._cache = [t for name, t in buffers.items() if name.startswith((f"{CACHE}_keys", f"{CACHE}_values"))]
-        self._device = buffers[IDS].device
-        self._ids = torch.full((batch,), -1, dtype=torch.long, device=self._device)
-        setattr(gm, IDS, self._ids)  # one id per row, written in place each step
-        self._mask = torch.zeros(batch, length, dtype=torch.long, device=self._device)
+        self._names = tuple(n for n in named_adapters.names(self.lm) if n != named_adapters.DEFAULT)
+        self._graphs: dict[int, tuple] = {}
+        self._rows, self._cache, self._mask = [], None, None
+        self._resize(self._buckets[0], keep=[])
         self._write = 0  # next cache slot every row writes
+
+    def _graph(self, batch: int) -> tuple:
+        """(decoder, cache tensors, adapter-id buffer) of the `batch`-row decode graph, built once."""
+        if batch not in self._graphs:
+            length = self.max_model_len
+            gm = self.lm.entry_point(("serve", batch, length), lambda: capture_decoder(self.lm, batch, length))
+            decoder = torch.compile(gm, backend="lorafx", dynamic=True) if self.compile else gm
+            buffers = dict(gm.named_buffers())
+            cache = [t for name, t in buffers.items() if name.startswith((f"{CACHE}_keys", f"{CACHE}_values"))]
+            ids = torch.full((batch,), -1, dtype=torch.long, device=buffers[IDS].device)
+            setattr(gm, IDS, ids)  # one id per row, written in place each step
+            self._graphs[batch] = (decoder, cache, ids)
+        return self._graphs[batch]
+
+    def _resize(self, batch: int, keep: list[int]) -> None:
+        """Switch to the `batch`-row graph; rows `keep` of the old one become rows 0, 1, ... (cache,
+        mask and request); the write pointer and the slot layout stay."""
+        decoder, cache, ids = self._graph(batch)
+        self._device = ids.device
+        mask = torch.zeros(batch, self.max_model_len, dtype=torch.long, device=self._device)
+        rows: list[Request | None] = [None] * batch
+        for new, old in enumerate(keep):
+            for target, source in zip(cache, self._cache):  # (batch, heads, slots, head_dim)
+                target[new].copy_(source[old])
+            mask[new] = self._mask[old]
+            rows[new] = self._rows[old]
+        self._decoder, self._cache, self._ids, self._mask, self._rows = decoder, cache, ids, mask, rows
 
     def _loop(self) -> None:
         while True:
@@ -234,6 +262,7 @@ class Engine:
                 joining = [] if self._controls else self._admit()
                 if self.running():
                     self._step(joining)
+                    self._shrink()
             except Exception as e:  # the step itself failed: fail the rows in it, keep serving
                 for row, request in enumerate(self._rows):
                     if request is not None:
@@ -270,10 +299,10 @@ class Engine:
 
     def _admit(self) -> list[tuple[int, Request]]:
         """Move waiting requests into free rows while their prompts fit the cache."""
-        joining: list[tuple[int, Request]] = []
-        free = [row for row, request in enumerate(self._rows) if request is None]
+        joining: list[Request] = []
+        room = self.max_batch - self.running()
         compacted = False
-        while free:
+        while len(joining) < room:
             with self._cond:
                 if not self._waiting:
                     break
@@ -283,7 +312,7 @@ class Engine:
                     self._waiting.popleft()
                 self._close(request, "error", status=404, message=f"The model `{request.adapter}` does not exist.")
                 continue
-            width = max(len(r.prompt) for _, r in [*joining, (0, request)])
+            width = max(len(r.prompt) for r in [*joining, request])
             if self._write + width > self.max_model_len and not compacted:
                 self._compact()
                 compacted = True
@@ -291,14 +320,25 @@ class Engine:
                 break  # wait for running rows to finish
             with self._cond:
                 self._waiting.popleft()
-            row = free.pop(0)
+            joining.append(request)
+        need = self.running() + len(joining)
+        if need > len(self._rows):  # grow to the bucket that holds them, rows in place
+            self._resize(next(b for b in self._buckets if b >= need), keep=list(range(len(self._rows))))
+        free = [row for row, request in enumerate(self._rows) if request is None]
+        for row, request in zip(free, joining):
             self._rows[row] = request
-            joining.append((row, request))
-        return joining
+        return list(zip(free, joining))
+
+    def _shrink(self) -> None:
+        """Nobody waiting and the running requests fit a smaller bucket: move them there."""
+        running = self.running()
+        smaller = next(b for b in self._buckets if b >= max(running, 1))
+        if smaller < len(self._rows) and not self._waiting:
+            self._resize(smaller, keep=[row for row, request in enumerate(self._rows) if request is not None])
 
     def _compact(self) -> None:
         """Move each row's live cache slots to the front (right-aligned to the longest row)."""
-        live = [self._mask[row].nonzero().flatten() for row in range(self.max_batch)]
+        live = [self._mask[row].nonzero().flatten() for row in range(len(self._rows))]
         longest = max(len(slots) for slots in live)
         for row, slots in enumerate(live):
             self._mask[row].zero_()
@@ -308,15 +348,17 @@ class Engine:
                     tensor[row, :, target] = tensor[row, :, slots].clone()
                 self._mask[row, target] = 1
         self._write = longest
+        self.metrics.compactions += 1
 
     def _step(self, joining: list[tuple[int, Request]]) -> None:
         width = max((len(r.prompt) for _, r in joining), default=1)
         if self._write + width > self.max_model_len:
             self._compact()
         start = self._write
-        ids = torch.full((self.max_batch, width), self.pad, dtype=torch.long)
-        positions = torch.ones((self.max_batch, width), dtype=torch.long)
-        adapter_ids = [-1] * self.max_batch
+        batch = len(self._rows)
+        ids = torch.full((batch, width), self.pad, dtype=torch.long)
+        positions = torch.ones((batch, width), dtype=torch.long)
+        adapter_ids = [-1] * batch
         names = named_adapters.names(self.lm)
         new = {row for row, _ in joining}
         for row, request in enumerate(self._rows):

@@ -288,6 +288,7 @@ def create_app(engine: Engine, model_name: str, adapter_paths: dict[str, str] | 
             ("prompt_tokens_total", "counter", m.prompt_tokens, "Prompt tokens of accepted requests."),
             ("generation_tokens_total", "counter", m.generated_tokens, "Tokens generated."),
             ("decode_steps_total", "counter", m.steps, "Forward steps of the decode graph."),
+            ("cache_compactions_total", "counter", m.compactions, "Times the KV cache slots were compacted."),
             ("tokens_per_second", "gauge", round(m.tokens_per_second(), 3), "Tokens generated per second, recent steps."),
             ("queue_length", "gauge", engine.queue_length(), "Requests waiting for a row."),
             ("running_requests", "gauge", engine.running(), "Requests in the running batch."),
