@@ -28,6 +28,18 @@ from .capture import capture, parameters_on_meta
 from .model import LoraModel
 from .spec import LoraSpec
 
+# Files of a checkpoint folder that are not weights: `lorafx merge` copies them; any one of them means the folder has a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json")
+
+
+def tokenizer_of(directory: str):
+    """The checkpoint's tokenizer, or None when the folder has none."""
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES):
+        return None
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "malloc_trim") else None
 
 

@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import os
 
-import transformers
-
-from lorafx.core.pretrained import from_pretrained
+from lorafx.core.named_adapters import DEFAULT
+from lorafx.core.pretrained import from_pretrained, tokenizer_of
 from lorafx.core.spec import LoraSpec
 from lorafx.formats.adapters import read_config
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load(base_dir: str, adapters: dict[str, str], quantize: str | None = None):
     """(LoraModel, tokenizer) for serving `adapters` (name → folder) over `base_dir`."""
     base_dir = os.fspath(base_dir)
-    if not any(os.path.isfile(os.path.join(base_dir, name)) for name in TOKENIZER_FILES):
+    tokenizer = tokenizer_of(base_dir)
+    if tokenizer is None:
         raise ValueError(f"{base_dir} has no tokenizer (tokenizer.json or tokenizer_config.json): serving needs one")
     for name, path in adapters.items():
-        if name == "default":
-            raise ValueError("'default' is reserved for the model's own adapter; name the adapter otherwise")
+        if name == DEFAULT:
+            raise ValueError(f"{DEFAULT!r} is reserved for the model's own adapter; name the adapter otherwise")
         if not os.path.isdir(path):
             raise ValueError(f"adapter {name!r}: {path} is not a folder")
     targets = "all-linear"
@@ -38,4 +36,4 @@ def load(base_dir: str, adapters: dict[str, str], quantize: str | None = None):
     lm.eval()
     for name, path in adapters.items():
         lm.load_adapter(path, name=name)
-    return lm, transformers.AutoTokenizer.from_pretrained(base_dir)
+    return lm, tokenizer

@@ -21,7 +21,7 @@ import transformers
 
 from lorafx.core.capture import CaptureError
 from lorafx.core.model import transform
-from lorafx.core.pretrained import from_pretrained
+from lorafx.core.pretrained import TOKENIZER_FILES, from_pretrained, tokenizer_of
 from lorafx.core.spec import ALL_LINEAR, LoraSpec
 from lorafx.generation.export import export
 from lorafx.variants import spec_for
@@ -32,9 +32,6 @@ from .diagnose import HEATMAP_COLUMNS, diagnose, format_table, write_heatmap
 # Problems in the user's input that surface while running; anything else is a bug and keeps
 # its traceback. AdapterError, CheckpointError and NoTargetError are ValueErrors.
 USER_ERRORS = (OSError, ValueError, CaptureError)
-# Files of a checkpoint folder that are not weights: the merged folder keeps them.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json")
 
 
 class Parser(argparse.ArgumentParser):
@@ -194,13 +191,6 @@ def run_generate(args) -> int:
     with context:
         lm.eval().generate(ids, max_new_tokens=args.max_new_tokens, generator=g, streamer=streamer, **sampling)
     return 0
-
-
-def tokenizer_of(directory: str):
-    """The checkpoint's tokenizer, or None when the folder has none."""
-    if not any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES):
-        return None
-    return transformers.AutoTokenizer.from_pretrained(directory)
 
 
 class IdStreamer:
