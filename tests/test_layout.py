@@ -95,6 +95,7 @@ ALLOWED = {
     "variants": {"formats", "passes", "core"},
     "runtime": {"formats", "passes", "core", "variants"},
     "generation": {"formats", "passes", "core", "variants"},
+    "integrations": {"formats", "passes", "core", "variants", "runtime"},
     "tools": {"kernels", "formats", "passes", "core", "variants", "runtime", "generation"},
 }
 

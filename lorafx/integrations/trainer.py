@@ -1,0 +1,91 @@
+"""Trainer checkpoints as PEFT adapter folders: `lorafx.adapter_trainer(TrainerClass)`.
+
+transformers' Trainer saves a model with `save_pretrained` only when it is a PreTrainedModel
+or a PeftModel (an isinstance test); anything else gets its whole state_dict written to
+model.safetensors, which holds the base weights, is no adapter, and fails on tied embeddings
+("Some tensors share memory"). A LoraModel is neither class, and no callback can help: the
+save happens before `on_save` runs. So lorafx gives the trainer class itself the PEFT
+behaviour, for any Trainer subclass (TRL's SFTTrainer and DPOTrainer included), in one line:
+
+    SFTTrainer = lorafx.adapter_trainer(trl.SFTTrainer)
+
+The subclass writes every checkpoint and `save_model()` folder as PEFT does (adapter files,
+the tokenizer, training_args.bin), loads the adapter back on `resume_from_checkpoint` and for
+`load_best_model_at_end`; everything else is the trainer's own code. Models other than a
+LoraModel go through the trainer unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lorafx.core.model import LoraModel
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def adapter_trainer(trainer_class: type | None = None) -> type:
+    """`trainer_class` (default transformers.Trainer) whose checkpoints of a LoraModel are PEFT
+    adapter folders (see the module docstring). The same class comes back on every call."""
+    import transformers  # the integration room reads transformers at call time, like the trainers do
+
+    trainer_class = transformers.Trainer if trainer_class is None else trainer_class
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, transformers.Trainer)):
+        raise TypeError(f"adapter_trainer takes transformers.Trainer or a subclass (e.g. trl.SFTTrainer), got {trainer_class!r}")
+    if issubclass(trainer_class, AdapterCheckpoints):
+        return trainer_class
+    if trainer_class not in _SUBCLASSES:
+        doc = f"{trainer_class.__name__} whose checkpoints of a LoraModel are PEFT adapter folders (lorafx)."
+        _SUBCLASSES[trainer_class] = type(
+            trainer_class.__name__, (AdapterCheckpoints, trainer_class), {"__doc__": doc, "__module__": __name__}
+        )
+    return _SUBCLASSES[trainer_class]
+
+
+class AdapterCheckpoints:
+    """The Trainer methods that save and load model weights, for a LoraModel: PEFT adapter folders."""
+
+    def _lora_model(self, model=None) -> LoraModel | None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
+        return model if isinstance(model, LoraModel) else None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        lm = self._lora_model()
+        if lm is None:
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return None
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        lm.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # as Trainer._save writes it
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        lm = self._lora_model(model)
+        if lm is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _load_adapters(lm, resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self) -> None:
+        lm = self._lora_model()
+        if lm is None:
+            return super()._load_best_model()
+        _load_adapters(lm, self.state.best_model_checkpoint)
+        return None
+
+
+def _load_adapters(lm: LoraModel, folder: str) -> None:
+    """The adapters save_pretrained wrote to `folder`, back into `lm` (named ones from their subfolders)."""
+    if lm._adapters is None:
+        lm.load_adapter(folder)
+        return
+    raise NotImplementedError(
+        "resuming a Trainer run of a model with named adapters is not supported: they are frozen, "
+        "only the model's own adapter trains; train before loading named adapters"
+    )
