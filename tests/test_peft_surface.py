@@ -93,3 +93,37 @@ def test_checkpointing_switch_is_in_place_and_refuses_what_it_cannot_do():
         lm.gradient_checkpointing_enable({"preserve_rng_state": True})
     with pytest.raises(ValueError, match="every_n_layers=2"):
         lm.activation_checkpointing_enable(every_n_layers=2)
+
+
+def test_bf16_base_trains_fp32_adapters_as_peft():
+    base = tiny_model("llama").to(torch.bfloat16)
+    config = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    lm = lorafx.transform(copy.deepcopy(base), lorafx.LoraSpec.from_peft_config(config))
+    kept = lorafx.transform(copy.deepcopy(base), lorafx.LoraSpec(r=4, autocast_adapter_dtype=False))
+    assert {p.dtype for _, p in lm.named_lora_parameters()} == {torch.float32} and lm.dtype == torch.bfloat16
+    assert {p.dtype for _, p in kept.named_lora_parameters()} == {torch.bfloat16}
+    state = peft.get_peft_model_state_dict(theirs)
+    with torch.no_grad():
+        for name, p in lm.named_lora_parameters():
+            p.copy_(state["base_model.model." + name])
+    start = {name: p.detach().clone() for name, p in lm.named_lora_parameters()}
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(lm(ids).logits, theirs(input_ids=ids).logits)
+    for model, params in ((lm, lm.trainable_parameters()), (theirs, [p for p in theirs.parameters() if p.requires_grad])):
+        opt = torch.optim.AdamW(params, lr=2e-5)
+        for _ in range(20):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    state = peft.get_peft_model_state_dict(theirs)
+    unchanged = [(p == start[name]).float().mean().item() for name, p in lm.named_lora_parameters() if "lora_A" in name]
+    assert max(unchanged) < 0.01  # in bf16, most lora_A entries never move at this learning rate
+    for name, p in lm.named_lora_parameters():  # the same updates, up to bf16 activations' rounding in the backward
+        theirs_update = state["base_model.model." + name] - start[name]
+        assert (p - start[name] - theirs_update).norm() <= 0.1 * theirs_update.norm()
+    merged = lm.merge()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with pytest.raises(TypeError, match="takes a peft.LoraConfig, a dict or an adapter folder, got int"):
+        lorafx.LoraSpec.from_peft_config(3)

@@ -35,6 +35,7 @@ from .peft_surface import PeftSurface
 from .spec import LoraSpec
 
 GRAPH_PREFIX = "graph_module."
+FLASH_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 def _deepcopy(obj, memo=None):
@@ -98,6 +99,13 @@ class LoraModel(PeftSurface, torch.nn.Module):
         # Not submodules (so state_dict and parameters() are graph_module's alone):
         self.__dict__["_blueprint"] = captured.blueprint  # the original model, meta parameters
         self.__dict__["_views"] = {}  # entry points over graph_module's tensors (entry_point)
+        # modules_to_save train in place: their original weights, for disable_adapters() (as PEFT
+        # keeps an original copy). Non-persistent buffers: they follow .to(), state_dict skips them.
+        self.original_weights = torch.nn.Module()
+        saves = getattr(spec, "saves", None)
+        for name, p in self.graph_module.named_parameters():
+            if saves is not None and saves(name.rpartition(".")[0]):
+                self.original_weights.register_buffer(name.replace(".", ":"), p.detach().clone(), persistent=False)
 
     # -- calling ---------------------------------------------------------------------------
     def forward(self, *args, input_ids=None, attention_mask=None, position_ids=None, labels=None,
@@ -206,6 +214,7 @@ class LoraModel(PeftSurface, torch.nn.Module):
             view = _deepcopy(self.graph_module, shared)
             variant = variant_of(self.spec)
             (variant.strip if variant else strip_lora)(view)
+            views.use_original_weights(self, view)
             return view
 
         return self.entry_point("base", build)
@@ -225,6 +234,11 @@ class LoraModel(PeftSurface, torch.nn.Module):
             raise TypeError("output_attentions / output_hidden_states are not supported: the graph returns the model's outputs only")
         if kwargs.pop("use_cache", False):
             raise TypeError("use_cache=True is not supported: the graph was captured without a KV cache")
+        if "position_ids" in kwargs:
+            # Packing collators (TRL's) also describe the documents for flash attention; transformers'
+            # sdpa/eager attention reads the same documents from position_ids and ignores these.
+            for key in FLASH_PACKING_KWARGS:
+                kwargs.pop(key, None)
         unknown = sorted(set(kwargs) - set(self.input_names) - {"position_ids"})
         if unknown:
             raise TypeError(

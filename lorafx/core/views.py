@@ -44,7 +44,18 @@ def recapture(lm, model, example_kwargs, dynamic_shapes, disabled=False, checkpo
     if disabled and not lm._merged:
         (variant.strip if variant else strip_lora)(gm)
     _adopt(gm, store)
+    if disabled:
+        use_original_weights(lm, gm)
     return gm
+
+
+def use_original_weights(lm, gm) -> None:
+    """A base-model graph reads the original weights of modules_to_save, not the trained ones."""
+    for key, original in lm.original_weights.named_buffers():
+        owner, _, leaf = key.replace(":", ".").rpartition(".")
+        module = gm.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf] = torch.nn.Parameter(original, requires_grad=False)
 
 
 def with_inputs(lm, names: tuple[str, ...], disabled: bool) -> torch.fx.GraphModule:
