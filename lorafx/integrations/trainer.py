@@ -13,10 +13,17 @@ The subclass writes every checkpoint and `save_model()` folder as PEFT does (ada
 the tokenizer, training_args.bin), loads the adapter back on `resume_from_checkpoint` and for
 `load_best_model_at_end`; everything else is the trainer's own code. Models other than a
 LoraModel go through the trainer unchanged.
+
+Trainers with a reference model (TRL's DPOTrainer) take reference log-probs from a PEFT model
+with its adapter disabled when ref_model is None, but only from a PeftModel (an isinstance
+test again); for anything else they load a second copy of the base model from its hub name.
+For a LoraModel and ref_model=None, the subclass passes a ReferenceModel instead: the same
+LoraModel run inside disable_adapters(), no weight copied.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -44,8 +51,45 @@ def adapter_trainer(trainer_class: type | None = None) -> type:
     return _SUBCLASSES[trainer_class]
 
 
+class ReferenceModel(torch.nn.Module):
+    """The base model behind a LoraModel's adapter, as a trainer's ref_model: every call runs the
+    LoraModel inside disable_adapters(). It owns no parameters (the LoraModel is not a submodule)."""
+
+    def __init__(self, lm: LoraModel):
+        super().__init__()
+        self.__dict__["lm"] = lm
+        self.config = lm.config
+
+    def forward(self, *args, **kwargs):
+        with self.lm.disable_adapters():
+            return self.lm(*args, **kwargs)
+
+    @property
+    def base_model(self):
+        """The backbone with the adapter disabled (what TRL's fused LM head runs)."""
+
+        def run(**inputs):
+            with self.lm.disable_adapters():
+                return self.lm.base_model(**inputs)
+
+        return run
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+
 class AdapterCheckpoints:
     """The Trainer methods that save and load model weights, for a LoraModel: PEFT adapter folders."""
+
+    def __init__(self, *args, **kwargs):
+        signature = inspect.signature(super().__init__)
+        if "ref_model" in signature.parameters:
+            bound = signature.bind_partial(*args, **kwargs)
+            model = bound.arguments.get("model")
+            if isinstance(model, LoraModel) and bound.arguments.get("ref_model") is None:
+                bound.arguments["ref_model"] = ReferenceModel(model)
+                args, kwargs = bound.args, bound.kwargs
+        super().__init__(*args, **kwargs)
 
     def _lora_model(self, model=None) -> LoraModel | None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
