@@ -83,13 +83,30 @@ class AdapterCheckpoints:
 
     def __init__(self, *args, **kwargs):
         signature = inspect.signature(super().__init__)
+        bound = signature.bind_partial(*args, **kwargs)
+        training_args = bound.arguments.get("args")
+        if getattr(training_args, "torch_compile_backend", None) == "lorafx":
+            # accelerate's TorchDynamoPlugin only takes the backends its enum lists.
+            raise ValueError(
+                'torch_compile_backend="lorafx" is refused by accelerate (its DynamoBackend enum); '
+                'pass the compiled model instead: Trainer(model=torch.compile(lm, backend="lorafx"), ...) '
+                "with torch_compile=False"
+            )
         if "ref_model" in signature.parameters:
-            bound = signature.bind_partial(*args, **kwargs)
             model = bound.arguments.get("model")
             if isinstance(model, LoraModel) and bound.arguments.get("ref_model") is None:
                 bound.arguments["ref_model"] = ReferenceModel(model)
                 args, kwargs = bound.args, bound.kwargs
         super().__init__(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The columns LoraModel.forward names, also through torch.compile (whose wrapper's
+        forward is (*args, **kwargs), which would make Trainer drop every column)."""
+        lm = self._lora_model()
+        if self._signature_columns is None and lm is not None:
+            names = list(inspect.signature(type(lm).forward).parameters)[1:]  # without self
+            self._signature_columns = names + sorted({"label", "label_ids", *self.label_names})
+        super()._set_signature_columns_if_needed()
 
     def _lora_model(self, model=None) -> LoraModel | None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)

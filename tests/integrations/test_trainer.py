@@ -105,3 +105,43 @@ def test_gradient_checkpointing_true_trains_like_without(tmp_path):
         runs.append(dict(lm.named_lora_parameters()))
     for name, p in runs[0].items():
         torch.testing.assert_close(runs[1][name], p, rtol=0, atol=1e-6)
+
+
+def test_compiled_model_trains_like_eager_and_backend_option_is_refused_by_name(tmp_path):
+    base = tiny_model("llama")
+    eager, compiled = (lorafx.transform(copy.deepcopy(base), lorafx.LoraSpec(r=4)) for _ in range(2))
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(eager.named_lora_parameters(), compiled.named_lora_parameters()):
+            b.copy_(a)
+    Trainer = lorafx.adapter_trainer()
+    Trainer(model=eager, args=arguments(tmp_path / "eager", max_steps=2), train_dataset=dataset()).train()
+    trainer = Trainer(model=torch.compile(compiled, backend="lorafx"), args=arguments(tmp_path / "compiled", max_steps=2),
+                      train_dataset=dataset())
+    trainer.train()
+    for (name, a), (_, b) in zip(eager.named_lora_parameters(), compiled.named_lora_parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    trainer.save_model(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    args = arguments(tmp_path / "x", torch_compile=True, torch_compile_backend="lorafx")
+    with pytest.raises(ValueError, match=r'torch.compile\(lm, backend="lorafx"\)'):
+        Trainer(model=eager, args=args, train_dataset=dataset())
+
+
+def test_accelerate_prepare_and_save_state_round_trip_on_tied_gpt2(tmp_path):
+    import accelerate
+
+    base = tiny_model("gpt2")
+    states = []
+    for folder_loaded in (False, True):
+        lm = lorafx.transform(copy.deepcopy(base), lorafx.LoraSpec(r=4))
+        accelerator = accelerate.Accelerator(cpu=True)
+        model, optimizer = accelerator.prepare(lm, torch.optim.AdamW(lm.trainable_parameters(), lr=1e-2))
+        if folder_loaded:
+            accelerator.load_state(tmp_path / "state")
+        else:
+            ids = torch.tensor(dataset()["input_ids"][:2])
+            accelerator.backward(model(input_ids=ids, labels=ids).loss)
+            optimizer.step()
+            accelerator.save_state(tmp_path / "state")
+        states.append(dict(lm.named_lora_parameters()))
+    assert all(torch.equal(states[1][name], p) for name, p in states[0].items())
