@@ -100,10 +100,11 @@ class AdapterCheckpoints:
         super().__init__(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
-        """The columns LoraModel.forward names, also through torch.compile (whose wrapper's
-        forward is (*args, **kwargs), which would make Trainer drop every column)."""
+        """Through torch.compile, the columns LoraModel.forward names (the compiled wrapper's forward
+        is (*args, **kwargs), which would make Trainer drop every column); otherwise the trainer's
+        own choice (TRL's trainers set theirs)."""
         lm = self._lora_model()
-        if self._signature_columns is None and lm is not None:
+        if self._signature_columns is None and lm is not None and lm is not self.model:
             names = list(inspect.signature(type(lm).forward).parameters)[1:]  # without self
             self._signature_columns = names + sorted({"label", "label_ids", *self.label_names})
         super()._set_signature_columns_if_needed()
