@@ -8,6 +8,7 @@ from .formats.adapters import AdapterError
 from .formats.checkpoints import CheckpointError
 from .formats.nf4 import NF4Weight, quantize_nf4
 from .generation.export import ExportError, export
+from .integrations.trainer import adapter_trainer
 from .passes import NoTargetError
 from .runtime.checkpoint import load_checkpoint, save_checkpoint
 from .runtime.loraplus import loraplus_param_groups
@@ -18,6 +19,7 @@ from .variants.ia3 import IA3Spec
 from .variants.vera import VeraSpec
 
 __all__ = [
+    "adapter_trainer",
     "AdapterError",
     "CaptureError",
     "CheckpointError",

@@ -17,7 +17,7 @@ import types
 import torch
 
 from .checkpoint_layers import inline_checkpointed_layers
-from .common import LINEAR, LORA, PassResult, aten, input_node, remove_tagged
+from .common import BRANCH_ENDS, LINEAR, LORA, PassResult, aten, input_node, remove_tagged
 from .fuse_nf4_lora import unfuse_nf4_lora
 from .insert_lora import _insert_branch
 from .merge_lora import LORA_MODULES as MERGED_MODULES
@@ -71,7 +71,7 @@ def strip_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     the base model's graph. Checkpointed layers are inlined and fused ops unfused first."""
     inline_checkpointed_layers(gm)
     unfuse_nf4_lora(gm)
-    counts = remove_tagged(gm, (LORA, BANK), ("add",), LORA_MODULES)
+    counts = remove_tagged(gm, (LORA, BANK), BRANCH_ENDS, LORA_MODULES)
     if IDS in gm._buffers:
         del gm._buffers[IDS]
     return PassResult("strip_lora", {"modules": counts["modules"], "nodes_removed": counts["nodes_removed"]})
@@ -132,7 +132,7 @@ def unbank(gm: torch.fx.GraphModule, slot: int, r: int, scale: float) -> PassRes
             owner.add_module("lora_A", _frozen_linear(lora_a))
             owner.add_module("lora_B", _frozen_linear(lora_b))
             owner.add_module("lora_dropout", torch.nn.Identity())
-        _insert_branch(gm, node, site.path, like_spec)
+        _insert_branch(gm, node, site, like_spec)
         branches += 1
     gm.graph.lint()
     gm.recompile()

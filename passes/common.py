@@ -9,6 +9,10 @@ import torch
 # node.meta keys. A pass communicates with later passes only through these.
 LINEAR = "lorafx.linear"  # on a linear node: a LinearSite
 LORA = "lorafx.lora"  # on every node insert_lora adds: (module path, role)
+# Roles that end a branch (the node whose output replaced the layer's): "add", and "cast_out"
+# after it where float32 LoRA sums back into a 16-bit layer. In graph order, so each hands
+# its uses to its first argument in turn and the layer's own output is what remains.
+BRANCH_ENDS = ("add", "cast_out")
 
 aten = torch.ops.aten
 

@@ -39,7 +39,7 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
         if site.path not in modules:
             _add_lora_modules(gm, node, site, spec)
             modules.add(site.path)
-        _insert_branch(gm, node, site.path, spec)
+        _insert_branch(gm, node, site, spec)
     gm.graph.lint()
     gm.recompile()
     counts = {"linear": len(sites), "lora": len(selected), "modules": len(modules), "saved": saved}
@@ -62,11 +62,20 @@ def _unfreeze_modules_to_save(gm, spec) -> int:
     return saved
 
 
+def adapter_dtype(site, spec) -> torch.dtype:
+    """The dtype of a layer's LoRA weights: float32 on a float16/bfloat16 layer, as PEFT's
+    autocast_adapter_dtype=True (updates below 16-bit resolution would vanish), else the
+    layer's. DoRA layers and NF4 layers keep the compute dtype (the fused kernels and DoRA's
+    norm run in it); spec.autocast_adapter_dtype=False keeps it everywhere."""
+    upcast = spec.autocast_adapter_dtype and not spec.use_dora and not spec.quantizes(site.path)
+    return torch.float32 if upcast and site.dtype in (torch.float16, torch.bfloat16) else site.dtype
+
+
 def _add_lora_modules(gm, node, site, spec):
-    """PEFT's module names and init (or the A, B init_lora computed); LoRA weights in the
-    dtype the layer computes in."""
+    """PEFT's module names and init (or the A, B init_lora computed); LoRA weights in
+    adapter_dtype."""
     owner = gm.get_submodule(site.path)
-    factory = {"device": site.device, "dtype": site.dtype}
+    factory = {"device": site.device, "dtype": adapter_dtype(site, spec)}
     lora_a = torch.nn.Linear(site.in_features, spec.r, bias=False, **factory)
     lora_b = torch.nn.Linear(spec.r, site.out_features, bias=False, **factory)
     pending = gm.meta.get(LORA_INIT, {})
@@ -94,7 +103,11 @@ def _add_lora_modules(gm, node, site, spec):
         owner.register_parameter("lora_magnitude_vector", torch.nn.Parameter(norm.detach()))
 
 
-def _insert_branch(gm, node, path, spec):
+def _insert_branch(gm, node, site, spec):
+    """The branch after `node`; with float32 LoRA on a 16-bit layer, PEFT's casts: x to float32
+    before the dropout, the branch's sum back to the layer's dtype after the add (role
+    "cast_out", which ends the branch)."""
+    path, dtype = site.path, gm.get_submodule(site.path).lora_A.weight.dtype
     graph = gm.graph
     users = list(node.users)
 
@@ -107,7 +120,10 @@ def _insert_branch(gm, node, path, spec):
         return new
 
     with graph.inserting_before(node.next):  # each new node lands after the previous one
-        x = add("call_module", f"{path}.lora_dropout", (input_node(node),), "dropout")
+        x = input_node(node)
+        if dtype != site.dtype:
+            x = add("call_function", aten.to.dtype, (x, dtype), "cast_in")
+        x = add("call_module", f"{path}.lora_dropout", (x,), "dropout")
         a = add("get_attr", f"{path}.lora_A.weight", (), "A")
         down = add("call_function", aten.linear.default, (x, a), "down")
         b = add("get_attr", f"{path}.lora_B.weight", (), "B")
@@ -116,6 +132,8 @@ def _insert_branch(gm, node, path, spec):
         if spec.use_dora:
             scaled = _dora(add, node, x, a, b, scaled, path, spec)
         out = add("call_function", aten.add.Tensor, (node, scaled), "add")
+        if dtype != site.dtype:
+            out = add("call_function", aten.to.dtype, (out, site.dtype), "cast_out")
     for user in users:
         user.replace_input_with(node, out)
 

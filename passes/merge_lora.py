@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import LORA, PassResult, aten, fetch_attr, remove_tagged, weight_node, weight_value
+from .common import BRANCH_ENDS, LORA, PassResult, aten, fetch_attr, remove_tagged, weight_node, weight_value
 from .quantize_nf4 import STORAGE
 
 LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")  # what insert_lora adds to a layer
@@ -43,7 +43,7 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
         if node.op == "get_attr" and not node.users and f".{STORAGE}." in node.target:
             gm.graph.erase_node(node)
     # Every LoRA branch (each call of a shared layer has one) ends in an `add` node.
-    counts = remove_tagged(gm, (LORA,), ("add",), LORA_MODULES)
+    counts = remove_tagged(gm, (LORA,), BRANCH_ENDS, LORA_MODULES)
     return PassResult(
         "merge_lora", {"modules": len(branches), "branches": counts["bypassed"], "nodes_removed": counts["nodes_removed"]}
     )

@@ -17,10 +17,10 @@ from lorafx.passes.common import aten
 from lorafx.passes.insert_ia3 import IA3
 
 # (targets, feedforward, task_type) as a PEFT user writes them: all-linear on Llama, PEFT's own
-# defaults on GPT-2 (Conv1D). lorafx writes task_type for *ForCausalLM classes, which GPT2LMHeadModel is not.
+# defaults on GPT-2 (Conv1D). lorafx writes task_type CAUSAL_LM for *ForCausalLM and *LMHeadModel classes.
 CASES = {
     "llama": ("all-linear", ["down_proj"], "CAUSAL_LM"),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"], None),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"], "CAUSAL_LM"),
 }
 
 

@@ -96,6 +96,7 @@ ALLOWED = {
     "runtime": {"formats", "passes", "core", "variants"},
     "generation": {"formats", "passes", "core", "variants"},
     "serving": {"formats", "passes", "core", "variants", "generation"},
+    "integrations": {"formats", "passes", "core", "variants", "runtime"},
     "tools": {"kernels", "formats", "passes", "core", "variants", "runtime", "generation", "serving"},
 }
 

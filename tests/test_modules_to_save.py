@@ -79,3 +79,18 @@ def test_sequence_classifier_loss_is_the_models_own():
         torch.testing.assert_close(lm(ids, labels=labels).loss, base(input_ids=ids, labels=labels).loss)
     with pytest.raises(ValueError, match=r"labels has shape \(2, 7\); LlamaForSequenceClassification expects"):
         lm(ids, labels=ids)
+
+
+def test_disable_adapters_gives_the_base_model_after_the_saved_head_trained():
+    base = classifier()
+    lm = lorafx.transform(copy.deepcopy(base), lorafx.LoraSpec(r=4))
+    optimizer = torch.optim.SGD(lm.trainable_parameters(), lr=0.5)
+    ids = token_batch()
+    lm(ids, labels=torch.tensor([0, 2])).loss.backward()
+    optimizer.step()
+    assert not torch.equal(lm.graph_module.score.weight, base.score.weight)
+    assert "original_weights.score:weight" not in lm.state_dict()  # the copy is not part of the model's state
+    with torch.no_grad(), lm.disable_adapters():
+        expected = base(input_ids=ids).logits
+        torch.testing.assert_close(lm(ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(lm(ids, position_ids=torch.arange(7)[None]).logits, expected, rtol=1e-6, atol=1e-6)

@@ -16,10 +16,10 @@ from lorafx.passes import NoTargetError, insert_vera, match_linears
 from lorafx.passes.insert_vera import VERA
 
 # (targets, task_type, save_projection): all-linear on Llama, GPT-2's Conv1D layers with the projections
-# regenerated from the seed. lorafx writes task_type for *ForCausalLM classes, which GPT2LMHeadModel is not.
+# regenerated from the seed. lorafx writes task_type CAUSAL_LM for *ForCausalLM and *LMHeadModel classes.
 CASES = {
     "llama": ("all-linear", "CAUSAL_LM", True),
-    "gpt2": (["c_attn", "c_fc"], None, False),
+    "gpt2": (["c_attn", "c_fc"], "CAUSAL_LM", False),
 }
 
 

@@ -24,16 +24,18 @@ from lorafx.passes import (
 from lorafx.passes.adapter_bank import strip_lora, unbank
 from lorafx.passes.common import LINEAR, LORA, LinearSite
 from lorafx.passes.quantize_nf4 import STORAGE, NF4Storage
-from lorafx.variants import SPECS, files_for, variant_of
+from lorafx.variants import SPECS, files_for, spec_for, variant_of
 from lorafx.variants.ia3 import IA3Spec
 from lorafx.variants.vera import VeraSpec
 
 from . import named_adapters, views
 from .capture import Captured, capture, skeleton
 from .nf4_memory import saved_nf4_weights
+from .peft_surface import PeftSurface
 from .spec import LoraSpec
 
 GRAPH_PREFIX = "graph_module."
+FLASH_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 def _deepcopy(obj, memo=None):
@@ -71,11 +73,12 @@ def transform(
     return lm
 
 
-class LoraModel(torch.nn.Module):
+class LoraModel(PeftSurface, torch.nn.Module):
     """The captured model with LoRA branches: same call and output type as the original.
 
     For Hugging Face models `forward(input_ids, attention_mask=None, labels=None)` returns
     the model's own output class; with labels, `.loss` is the model's own loss function.
+    PeftSurface adds what Trainer, TRL and PEFT users read from a PeftModel.
     """
 
     def __init__(self, captured: Captured, spec: LoraSpec, model: torch.nn.Module):
@@ -96,11 +99,24 @@ class LoraModel(torch.nn.Module):
         # Not submodules (so state_dict and parameters() are graph_module's alone):
         self.__dict__["_blueprint"] = captured.blueprint  # the original model, meta parameters
         self.__dict__["_views"] = {}  # entry points over graph_module's tensors (entry_point)
+        # modules_to_save train in place: their original weights, for disable_adapters() (as PEFT
+        # keeps an original copy). Non-persistent buffers: they follow .to(), state_dict skips them.
+        self.original_weights = torch.nn.Module()
+        saves = getattr(spec, "saves", None)
+        for name, p in self.graph_module.named_parameters():
+            if saves is not None and saves(name.rpartition(".")[0]):
+                self.original_weights.register_buffer(name.replace(".", ":"), p.detach().clone(), persistent=False)
 
     # -- calling ---------------------------------------------------------------------------
-    def forward(self, *args, labels=None, adapter_ids=None, **kwargs):
+    def forward(self, *args, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                adapter_ids=None, num_items_in_batch=None, **kwargs):
         """`adapter_ids`: with named adapters loaded, one entry per batch row — an adapter
-        name, its index in `adapter_names`, or "__base__" / -1 for the base model."""
+        name, its index in `adapter_names`, or "__base__" / -1 for the base model.
+        `num_items_in_batch` (Trainer's gradient accumulation): the label count the model's own
+        loss divides by, as transformers models take it. The inputs are named so that
+        Trainer keeps those dataset columns."""
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        kwargs = {**{k: v for k, v in named.items() if v is not None}, **kwargs}
         if self.input_names is None:
             if labels is not None:
                 raise TypeError("labels= is only supported for Hugging Face models")
@@ -115,11 +131,22 @@ class LoraModel(torch.nn.Module):
         if labels is not None:
             if self._loss_function is None:
                 raise TypeError(f"{type(self.config).__name__} model has no loss function for labels=")
-            loss = self._loss(out["logits"], labels, inputs["input_ids"])
+            loss = self._loss(out["logits"], labels, inputs["input_ids"], num_items_in_batch)
             out = type(out)(loss=loss, **out)  # loss first, as the model itself returns it
         return out
 
-    def _loss(self, logits, labels, ids):
+    def run_backbone(self, **kwargs):
+        """The backbone's output (`base_model`, e.g. LlamaModel's last_hidden_state) for these
+        inputs, with LoRA (none inside disable_adapters()): a view over the same tensors."""
+        inputs = self._hf_inputs((), kwargs)
+        if self._adapters is not None:
+            raise NotImplementedError("base_model (the backbone alone) is not available with named adapters loaded")
+        key = ("backbone", tuple(inputs), self._disabled)
+        graph = self.entry_point(key, lambda: views.backbone(self, tuple(inputs), self._disabled))
+        with self._nf4_saved_as_nf4():
+            return graph(**inputs)
+
+    def _loss(self, logits, labels, ids, num_items_in_batch=None):
         """The model's own loss function, called as the model calls it for its task."""
         batch = ids.shape[0]
         if self.model_class.endswith("ForSequenceClassification"):  # one label (or a multi-label row) per sequence
@@ -135,6 +162,8 @@ class LoraModel(torch.nn.Module):
         if not fits:
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"labels has shape {got}; {self.model_class} expects {expected}")
+        if num_items_in_batch is not None:
+            call["num_items_in_batch"] = num_items_in_batch
         return self._loss_function(labels=labels, **call)
 
     def _nf4_saved_as_nf4(self):
@@ -185,6 +214,7 @@ class LoraModel(torch.nn.Module):
             view = _deepcopy(self.graph_module, shared)
             variant = variant_of(self.spec)
             (variant.strip if variant else strip_lora)(view)
+            views.use_original_weights(self, view)
             return view
 
         return self.entry_point("base", build)
@@ -200,8 +230,15 @@ class LoraModel(torch.nn.Module):
             kwargs = {"input_ids": args[0], **kwargs}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs.pop("return_dict", None)  # the graph always returns the model's output class
+        if kwargs.pop("output_attentions", False) or kwargs.pop("output_hidden_states", False):
+            raise TypeError("output_attentions / output_hidden_states are not supported: the graph returns the model's outputs only")
         if kwargs.pop("use_cache", False):
             raise TypeError("use_cache=True is not supported: the graph was captured without a KV cache")
+        if "position_ids" in kwargs:
+            # Packing collators (TRL's) also describe the documents for flash attention; transformers'
+            # sdpa/eager attention reads the same documents from position_ids and ignores these.
+            for key in FLASH_PACKING_KWARGS:
+                kwargs.pop(key, None)
         unknown = sorted(set(kwargs) - set(self.input_names) - {"position_ids"})
         if unknown:
             raise TypeError(
@@ -315,6 +352,24 @@ class LoraModel(torch.nn.Module):
             raise adapters.AdapterError(f"named adapters are LoRA only; this model has a {kind}: load_adapter(dir)")
         else:
             named_adapters.load_named(self, directory, name)
+
+    @classmethod
+    def from_pretrained(cls, model: torch.nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False) -> "LoraModel":
+        """PEFT's PeftModel.from_pretrained: `model` transformed with the spec of the adapter in
+        `adapter_dir` (LoRA, (IA)³ or VeRA, saved by lorafx or PEFT) and that adapter loaded. As
+        in PEFT, the adapter is frozen and the model in eval mode unless `is_trainable`."""
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"LoraModel.from_pretrained takes the base model (an nn.Module), got {type(model).__name__}; "
+                "to stream a checkpoint folder use lorafx.from_pretrained(folder, LoraSpec.from_peft_config(adapter_dir))"
+            )
+        lm = transform(model, spec_for(adapter_dir))
+        lm.load_adapter(adapter_dir)
+        if not is_trainable:
+            for _, p in lm.named_lora_parameters():
+                p.requires_grad_(False)
+            lm.eval()
+        return lm
 
     @property
     def adapter_names(self) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Sequence
 
@@ -59,6 +60,10 @@ class LoraSpec:
     quantize_skip: selector form; None means the output head, as bitsandbytes skips it.
     compute_dtype: dtype the NF4 weights dequantize to and the linear runs in; None means
         bfloat16 on CUDA and the weight's own dtype elsewhere. LoRA weights use it too.
+    autocast_adapter_dtype: LoRA weights in float32 on float16/bfloat16 layers, the branch
+        computed in float32 and added back in the layer's dtype, as PEFT's get_peft_model
+        default (autocast_adapter_dtype=True); False keeps them in the layer's dtype. DoRA and
+        NF4 layers keep the compute dtype either way.
     checkpoint: "layer" recomputes each decoder layer in the backward (activation checkpointing).
     modules_to_save: modules trained in full (not LoRA, not NF4) and saved in the adapter, as
         PEFT's `modules_to_save` (list of module-name suffixes, or a regex). None means PEFT's
@@ -83,6 +88,7 @@ class LoraSpec:
     checkpoint: str | None = None
     loftq_iter: int = 1
     modules_to_save: str | Sequence[str] | None = None
+    autocast_adapter_dtype: bool = True
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -100,6 +106,8 @@ class LoraSpec:
             object.__setattr__(self, "exclude", _check_selector("exclude", self.exclude))
         if not isinstance(self.use_rslora, bool):
             _fail("use_rslora", self.use_rslora, "True or False")
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            _fail("autocast_adapter_dtype", self.autocast_adapter_dtype, "True or False")
         if not isinstance(self.use_dora, bool):
             _fail("use_dora", self.use_dora, "True or False")
         if self.init not in INITS and not (isinstance(self.init, str) and PISSA_NITER.fullmatch(self.init)):
@@ -184,8 +192,17 @@ class LoraSpec:
 
     @classmethod
     def from_peft_config(cls, config) -> "LoraSpec":
-        """A spec equal to a PEFT LoraConfig (a dict, an adapter_config.json or its folder)."""
-        config = check_config(config, "config") if isinstance(config, dict) else read_config(config)
+        """A spec equal to a PEFT LoraConfig (the object, a dict, an adapter_config.json's folder)."""
+        if hasattr(config, "to_dict") and hasattr(config, "peft_type"):  # a peft.PeftConfig
+            config = check_config(config.to_dict(), type(config).__name__)
+        elif isinstance(config, dict):
+            config = check_config(config, "config")
+        elif isinstance(config, (str, os.PathLike)):
+            config = read_config(config)
+        else:
+            raise TypeError(
+                f"from_peft_config takes a peft.LoraConfig, a dict or an adapter folder, got {type(config).__name__}"
+            )
         targets = config["target_modules"]
         init = config.get("init_lora_weights", True)
         # PEFT's False (B random too, "for debugging") has no lorafx twin; it only matters

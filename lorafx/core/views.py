@@ -44,17 +44,55 @@ def recapture(lm, model, example_kwargs, dynamic_shapes, disabled=False, checkpo
     if disabled and not lm._merged:
         (variant.strip if variant else strip_lora)(gm)
     _adopt(gm, store)
+    if disabled:
+        use_original_weights(lm, gm)
     return gm
+
+
+def use_original_weights(lm, gm) -> None:
+    """A base-model graph reads the original weights of modules_to_save, not the trained ones."""
+    for key, original in lm.original_weights.named_buffers():
+        owner, _, leaf = key.replace(":", ".").rpartition(".")
+        module = gm.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf] = torch.nn.Parameter(original, requires_grad=False)
 
 
 def with_inputs(lm, names: tuple[str, ...], disabled: bool) -> torch.fx.GraphModule:
     """lm's model captured with the keyword inputs `names` (e.g. input_ids, position_ids)."""
-    store = lm.graph_module
-    device = device_of(store)
+    example = _example(lm, names)
+    model = skeleton(lm._blueprint, lm.graph_module)
+    return recapture(lm, model, example, hf_dynamic_shapes(lm.config, example), disabled)
+
+
+def _example(lm, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A (2, 8) example of the keyword inputs `names`: sizes above 1 keep batch and seq symbolic."""
+    device = device_of(lm.graph_module)
     ids = torch.randint(0, lm.config.get_text_config().vocab_size or 2, (2, 8), device=device)
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(8, device=device).expand(2, 8)}
-    example = {name: example[name] for name in names}
-    model = skeleton(lm._blueprint, store)
+    return {name: example[name] for name in names}
+
+
+class _Backbone(torch.nn.Module):
+    """The original model's backbone under its own attribute name, so that every parameter path
+    ("model.layers.0.self_attn.q_proj.weight") is the full model's: the same pass pipeline
+    selects the same layers, and the store's tensors are adopted by name."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.prefix = model.base_model_prefix
+        self.add_module(self.prefix, getattr(model, self.prefix))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        backbone = getattr(self, self.prefix)
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+def backbone(lm, names: tuple[str, ...], disabled: bool) -> torch.fx.GraphModule:
+    """lm's backbone (PreTrainedModel.base_model) captured with the keyword inputs `names`; it
+    returns the backbone's output (last_hidden_state), LoRA included."""
+    example = _example(lm, names)
+    model = _Backbone(skeleton(lm._blueprint, lm.graph_module))
     return recapture(lm, model, example, hf_dynamic_shapes(lm.config, example), disabled)
 
 

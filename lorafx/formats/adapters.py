@@ -22,6 +22,7 @@ KEY_PREFIX = "base_model.model."
 
 TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",  # GPT2LMHeadModel and its kin: causal LMs under their older class name
     "ForSequenceClassification": "SEQ_CLS",
     "ForTokenClassification": "TOKEN_CLS",
     "ForQuestionAnswering": "QUESTION_ANS",
