@@ -178,6 +178,11 @@ def test_generate_refuses_what_it_cannot_do_by_name(tmp_path):
         lm.generate(ids, do_sample=True, temperature=0)
     with pytest.raises(GenerationError, match="2-D integer"):
         lm.generate(ids.float())
+    given = transformers.GenerationConfig(max_new_tokens=3, top_k=0, min_p=0.1)  # a call's config replaces the model's
+    with pytest.raises(GenerationError, match="min_p"):
+        lm.generate(ids, generation_config=given)
+    given.min_p = None
+    assert lm.generate(ids, generation_config=given).shape == (2, 8)
     lm.generation_config.repetition_penalty = 1.3
     with pytest.raises(GenerationError, match="repetition_penalty"):
         lm.generate(ids)

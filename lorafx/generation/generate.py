@@ -36,13 +36,15 @@ def generate(
     use_cache: bool = True,
     streamer=None,
     compile: bool = False,
+    generation_config=None,
     **unsupported,
 ) -> torch.Tensor:
     """See LoraModel.generate."""
     if unsupported:
         raise GenerationError(
             f"generate does not support {sorted(unsupported)}; it takes max_new_tokens/max_length, do_sample, "
-            "temperature, top_k, top_p, eos_token_id, pad_token_id, attention_mask, generator, adapter_ids, streamer, compile"
+            "temperature, top_k, top_p, eos_token_id, pad_token_id, attention_mask, generator, adapter_ids, streamer, compile, "
+            "generation_config"
         )
     if not isinstance(compile, bool):
         raise GenerationError(f"compile={compile!r} is invalid: allowed is True or False")
@@ -50,7 +52,8 @@ def generate(
         raise GenerationError(f"generate needs a Hugging Face language model; {lm.model_class} has no decode path")
     if use_cache is not True:
         raise GenerationError("generate always decodes with a static KV cache: use_cache must be True")
-    config = settings(lm.generation_config)
+    # A generation_config given to the call replaces the model's, as in transformers (TRL's GRPO passes one).
+    config = settings(lm.generation_config if generation_config is None else generation_config)
     input_ids, attention_mask = _check_inputs(lm, input_ids, attention_mask)
     batch, prompt = input_ids.shape
     if max_new_tokens is None and max_length is not None:
@@ -157,8 +160,8 @@ def settings(generation_config) -> dict:
         value = getattr(generation_config, field, None)
         if value is not None and value != no_op:
             raise GenerationError(
-                f"the model's generation_config sets {field}={value!r}, which lorafx's generate does not implement; "
-                f"set lm.generation_config.{field} = {no_op!r} to decode without it"
+                f"generation_config sets {field}={value!r}, which lorafx's generate does not implement; "
+                f"set generation_config.{field} = {no_op!r} (lm.generation_config for the model's) to decode without it"
             )
     for field in (*DEFAULTS, "eos_token_id", "pad_token_id"):
         value = getattr(generation_config, field, None)

@@ -1,4 +1,4 @@
-"""TRL's SFTTrainer (plain and packed) and DPOTrainer train a LoraModel unpatched; the packed
+"""TRL's SFTTrainer (plain and packed), DPOTrainer and GRPOTrainer train a LoraModel unpatched; the packed
 loss is the HF + PEFT model's on the same packed batch."""
 
 import copy
@@ -89,6 +89,33 @@ def test_dpo_trainer_with_ref_model_none_uses_the_base_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(trainer.ref_model(input_ids=ids, attention_mask=mask).logits,
                                    base(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    before = {name: p.detach().clone() for name, p in lm.named_lora_parameters()}
+    trainer.train()
+    assert all(not torch.equal(p, before[name]) for name, p in lm.named_lora_parameters())
+
+
+def test_grpo_trainer_generates_and_trains_with_peft_models_logprobs(tmp_path):
+    """GRPO samples completions with lm.generate (TRL passes its own generation_config) and scores
+    them with per-token log-probs equal to the HF + PEFT model's."""
+    base = tiny_model("llama")
+    lm = lorafx.transform(copy.deepcopy(base), lorafx.LoraSpec(r=4, alpha=8, targets="all-linear"))
+    theirs = peft_twin(base, lm)
+    prompts = datasets.Dataset.from_dict({"prompt": texts(8, seed=1)})
+    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_steps=2,
+                          max_completion_length=6, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                          bf16=False, disable_tqdm=True, logging_steps=1, seed=0)
+    def grpo(model):  # the trainer patches the model's forward with TRL's fused LM head
+        return trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                               args=args, train_dataset=prompts, processing_class=word_tokenizer())
+
+    trainer, peer = grpo(lm), grpo(theirs)
+    ids = torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded prompt, as GRPO builds them
+    with torch.no_grad():
+        ours, _, _ = trainer._get_per_token_logps_and_entropies(lm, ids, mask, logits_to_keep=6)
+        expected, _, _ = peer._get_per_token_logps_and_entropies(theirs, ids, mask, logits_to_keep=6)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
     before = {name: p.detach().clone() for name, p in lm.named_lora_parameters()}
     trainer.train()
     assert all(not torch.equal(p, before[name]) for name, p in lm.named_lora_parameters())
