@@ -8,7 +8,8 @@ One id serves T // G consecutive rows, so ids per batch row fit a (batch, seq, i
 and its (batch·seq, in) view alike, and decoding (T // G = 1) is one id per row. The op
 computes the LoRA term only; the caller adds it to the base layer's output.
 
-Off CUDA the op runs the torch reference, one pair of F.linear per distinct adapter. On
+Off CUDA the op runs the torch reference: two F.linear when every row has one adapter,
+else the banks gathered per group and two batched matmuls (BGMV in torch). On
 CUDA two Triton kernels, SGMV-style: the rows of a group are consecutive, so a program
 takes a tile of rows inside one group, all under one adapter, and can use ``tl.dot``.
 - shrink: down (T, R_PAD) float32 = x · A[k]ᵀ, optionally split over ``in`` with atomic
@@ -20,6 +21,8 @@ host, a sync, which the eager paths accept and the fake impl (tracing) cannot do
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -79,20 +82,44 @@ def check_adapter_ids(ids: Tensor, n: int) -> None:
         )
 
 
-def multi_lora_reference(x, A, B, scales, ids) -> Tensor:
-    """Rows grouped by adapter, then ``linear(linear(rows, A[k]), B[k]) · scales[k]``; zeros for id -1."""
+_last = (None, -1, 0, [])  # (weakref to ids, its _version, bank size, distinct ids) of the last check
+
+
+def distinct_ids(ids: Tensor, n: int) -> list[int]:
+    """check_adapter_ids, then the distinct ids, read once per value of `ids`: every layer of a
+    decode step reads the same ids buffer, so the host sync happens once a step, not once a layer.
+    The buffer's in-place version counter says when it changed."""
+    global _last
+    ref, version, size, used = _last
+    try:
+        now = ids._version
+    except RuntimeError:  # an inference tensor has no version counter: no caching
+        now = None
+    if now is not None and ref is not None and ref() is ids and version == now and size == n:
+        return used
+    check_adapter_ids(ids, n)
     used = ids.unique().tolist()
-    if len(used) == 1 and used[0] >= 0:  # one adapter for every row (set_adapter): no gather
+    if now is not None:
+        _last = (weakref.ref(ids), now, n, used)
+    return used
+
+
+def multi_lora_reference(x, A, B, scales, ids, used: list[int] | None = None) -> Tensor:
+    """One adapter for every row (set_adapter): ``linear(linear(x, A[k]), B[k]) · scales[k]``.
+    Mixed rows: the banks gathered per group and two batched matmuls (BGMV in torch: no loop
+    over adapters, no host sync); id -1 gets scale 0. The gathered banks (groups, r, in + out)
+    are never larger than the activations (groups · rows per group, in + out)."""
+    used = ids.unique().tolist() if used is None else used
+    if len(used) == 1 and used[0] >= 0:  # no gather
         k = used[0]
         return F.linear(F.linear(x, A[k]), B[k]) * scales[k]
-    x2 = x.reshape(-1, A.shape[2])
-    row_ids = ids.repeat_interleave(x2.shape[0] // ids.shape[0])
-    y = x2.new_zeros((x2.shape[0], B.shape[1]))
-    for k in used:
-        if k >= 0:
-            rows = (row_ids == k).nonzero().squeeze(1)
-            y = y.index_copy(0, rows, F.linear(F.linear(x2[rows], A[k]), B[k]) * scales[k])
-    return y.reshape(*x.shape[:-1], B.shape[1])
+    if used == [-1]:
+        return x.new_zeros((*x.shape[:-1], B.shape[1]))
+    k = ids.clamp(min=0)
+    x3 = x.reshape(ids.shape[0], -1, A.shape[2])  # (groups, rows per group, in)
+    y = torch.bmm(torch.bmm(x3, A[k].transpose(1, 2)), B[k].transpose(1, 2))
+    scale = torch.where(ids >= 0, scales[k], 0.0)[:, None, None]  # as `y * scales[k]`: float32 math, then x's dtype
+    return (y.float() * scale).to(x.dtype).reshape(*x.shape[:-1], B.shape[1])
 
 
 @triton.jit
@@ -227,8 +254,7 @@ def multi_lora_triton(x, A, B, scales, ids, shrink_config=None, expand_config=No
 def multi_lora(x: Tensor, A: Tensor, B: Tensor, scales: Tensor, ids: Tensor) -> Tensor:
     """``scales[k] · (x · A[k]ᵀ) · B[k]ᵀ`` per group of rows, k = ids[group]; the torch reference off CUDA."""
     check_multi_lora_args(x, A, B, scales, ids)
-    check_adapter_ids(ids, A.shape[0])
-    return multi_lora_reference(x, A, B, scales, ids)
+    return multi_lora_reference(x, A, B, scales, ids, distinct_ids(ids, A.shape[0]))
 
 
 @multi_lora.register_kernel("cuda")

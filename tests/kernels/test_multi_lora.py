@@ -238,6 +238,19 @@ def test_bad_inputs_name_the_problem(bad):
         OP(**args)
 
 
+def test_ids_read_once_per_value_but_rechecked_after_an_in_place_change():
+    """The op reads the ids on the host once per version of the buffer (a decode step's layers
+    share it); writing the buffer in place, as the serving engine does, is seen at once."""
+    x, A, B, scales, ids, _ = make_inputs(Case((2, 3), 8, 6, (4, 4, 4), (1, 0), torch.float32))
+    first = OP(x, A, B, scales, ids)
+    assert torch.equal(OP(x, A, B, scales, ids), first)
+    ids.copy_(torch.tensor([2, -1]))
+    torch.testing.assert_close(OP(x, A, B, scales, ids), row_by_row(x, A, B, scales, ids), rtol=0, atol=1e-6)
+    ids[1] = 3  # not an adapter of the 3 in the bank
+    with pytest.raises(ValueError, match="ids holds 3, not an adapter of the 3 in the bank"):
+        OP(x, A, B, scales, ids)
+
+
 # -- GPU lowering without a GPU, and the real kernels on a GPU -------------------------------------
 
 # bfloat16 banks, int64 ids; every other argument is an int32 size or stride.
