@@ -115,6 +115,13 @@ def multi_lora_reference(x, A, B, scales, ids, used: list[int] | None = None) ->
         return F.linear(F.linear(x, A[k]), B[k]) * scales[k]
     if used == [-1]:
         return x.new_zeros((*x.shape[:-1], B.shape[1]))
+    return multi_lora_gathered(x, A, B, scales, ids)
+
+
+def multi_lora_gathered(x, A, B, scales, ids) -> Tensor:
+    """The op as plain aten ops with no host sync (ids unchecked: the caller checked them): each
+    group's A and B gathered, two batched matmuls, scale 0 for id -1. What the compile backend
+    traces on CPU (passes/adapter_bank.py inline_multi_lora), so Inductor fuses it."""
     k = ids.clamp(min=0)
     x3 = x.reshape(ids.shape[0], -1, A.shape[2])  # (groups, rows per group, in)
     y = torch.bmm(torch.bmm(x3, A[k].transpose(1, 2)), B[k].transpose(1, 2))

@@ -1,6 +1,7 @@
 """Graph passes. Each is `pass(gm, spec) -> PassResult`; TRANSFORM_PASSES is the whole story
 of `lorafx.transform`, read top to bottom."""
 
+from .adapter_bank import inline_multi_lora
 from .checkpoint_layers import checkpoint_layers, graph_nodes, inline_checkpointed_layers
 from .common import PassResult
 from .dropout_follows_mode import dropout_follows_mode
@@ -17,6 +18,12 @@ from .quantize_nf4 import quantize_nf4
 # backend runs it on Dynamo's graph. merge() undoes it first (unfuse_nf4_lora).
 FUSE_PASSES = [
     fuse_nf4_lora,  # (nf4_dequant →) linear + LoRA branch → lorafx::nf4_lora_linear / lorafx::lora_linear
+]
+
+
+# The compile backend off CUDA, where the fused ops' reference paths are slower than Inductor's code.
+CPU_COMPILE_PASSES = [
+    inline_multi_lora,  # lorafx::multi_lora (adapter banks) → gathered-bank aten ops Inductor fuses
 ]
 
 
@@ -59,6 +66,7 @@ VERA_TRANSFORM_PASSES = [
 ]
 
 __all__ = [
+    "CPU_COMPILE_PASSES",
     "FUSE_PASSES",
     "TRANSFORM_PASSES",
     "IA3_TRANSFORM_PASSES",
@@ -71,6 +79,7 @@ __all__ = [
     "fuse_on_cuda",
     "graph_nodes",
     "init_lora",
+    "inline_multi_lora",
     "inline_checkpointed_layers",
     "insert_ia3",
     "insert_lora",

@@ -148,3 +148,22 @@ def _frozen_linear(weight: torch.Tensor) -> torch.nn.Linear:
 def banks(gm) -> list[tuple[str, LoraBank]]:
     """(module path, LoraBank) of every banked layer."""
     return [(name.rsplit(".", 1)[0], m) for name, m in gm.named_modules() if isinstance(m, LoraBank)]
+
+
+def inline_multi_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
+    """Off CUDA, under torch.compile: each lorafx::multi_lora call becomes the op's gathered-bank
+    aten ops (kernels/multi_lora.py multi_lora_gathered), which Inductor fuses with the layer
+    around it; the op itself is an opaque Python call per layer. Adapter ids are checked where
+    they are written (named_adapters.write_ids, the serving engine), not in the graph."""
+    from lorafx.kernels.multi_lora import multi_lora_gathered
+
+    ops = {torch.ops.lorafx.multi_lora.default, torch.ops.lorafx.multi_lora} if hasattr(torch.ops.lorafx, "multi_lora") else set()
+    inlined = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ops:
+            node.target = multi_lora_gathered
+            inlined += 1
+    if inlined:
+        gm.recompile()
+    return PassResult("inline_multi_lora", {"inlined": inlined})
+

@@ -238,3 +238,20 @@ def test_compiled_model_switches_adapters_without_recompiling(tmp_path):
     # One model graph, compiled once: ids are written by a host-side step (one graph break
     # before it) into a buffer the graph reads. Only tiny prologue frames may be re-traced.
     assert sum(n > 50 for n in graphs) == 1, graphs
+
+
+def test_inline_multi_lora_gives_the_ops_logits(tmp_path):
+    """The compile backend's CPU pass: multi_lora nodes as gathered-bank aten ops, same logits
+    for mixed rows, one adapter for all rows, and the base model (id -1)."""
+    from lorafx.passes import inline_multi_lora
+
+    dirs = save_peft_adapters(tmp_path, "llama", {"sql": ADAPTERS["sql"], "tiny": ADAPTERS["tiny"]})
+    lm = serving_model("llama", dirs)
+    ids = token_batch()
+    with torch.no_grad():
+        for rows in (["tiny", "sql"], ["sql", "sql"], ["__base__", "tiny"], ["__base__", "__base__"]):
+            expected = lm(ids, adapter_ids=rows).logits  # writes the graph's adapter-id buffer
+            gm = copy.deepcopy(lm.graph_module)
+            assert inline_multi_lora(gm).counts["inlined"] > 0
+            assert not any(n.target == torch.ops.lorafx.multi_lora.default for n in gm.graph.nodes)
+            torch.testing.assert_close(gm(input_ids=ids, attention_mask=torch.ones_like(ids))["logits"], expected, rtol=1e-5, atol=1e-5)

@@ -26,7 +26,7 @@ import torch
 import torch._inductor.config
 from torch._dynamo.utils import counters
 
-from lorafx.passes import FUSE_PASSES
+from lorafx.passes import CPU_COMPILE_PASSES, FUSE_PASSES
 from lorafx.passes.common import PassResult
 
 
@@ -43,6 +43,7 @@ class BackendOptions:
         fused ops are Triton kernels, and on CPU their plain-PyTorch path is slower than the
         code Inductor generates for the same aten ops. True forces the passes (e.g. to test
         them on CPU), False switches them off (to tell a fusion problem from an Inductor one).
+        Unfused graphs run CPU_COMPILE_PASSES instead (adapter banks' multi_lora as aten ops).
     inductor_config: Inductor config patches, as `torch.compile(options=...)` takes them for
         the inductor backend, e.g. {"max_autotune": True}. Names are checked against
         `torch._inductor.config`.
@@ -94,10 +95,9 @@ def lorafx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None
     fuse = opts.fuse
     if fuse is None:
         fuse = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
-    if fuse:
-        for fuse_pass in FUSE_PASSES:
-            _record(fuse_pass(gm, None))
-        gm.recompile()
+    for graph_pass in FUSE_PASSES if fuse else CPU_COMPILE_PASSES:
+        _record(graph_pass(gm, None))
+    gm.recompile()
     counters["lorafx"]["graphs"] += 1
     from torch._inductor.compile_fx import compile_fx  # heavy import, only when compiling
 
