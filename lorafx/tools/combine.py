@@ -9,7 +9,9 @@ for the same random masks):
   weights; all adapters need the same r.
 - cat: stack the A's (times w·scale) and the B's: rank = Σr, exact Σ w·scale·B·A.
 - svd: Δ = Σ w·scale·B·A per layer, truncated SVD to rank `svd_rank` (default max r).
-The new adapter has lora_alpha = r (scale 1), as PEFT writes it.
+The new adapter has lora_alpha = r and use_rslora false (scale 1: every source's own scale,
+rsLoRA's alpha/√r included, is in the weights; peft#3449), one rank for every layer (zero rows
+pad the lower ranks of rank_pattern adapters, as PEFT pads cat), and no rank/alpha patterns.
 """
 
 from __future__ import annotations
