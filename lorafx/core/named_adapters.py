@@ -16,7 +16,16 @@ import torch
 
 from lorafx.passes.adapter_bank import IDS, add_banks, banks, strip_lora
 
-from lorafx.formats.adapters import KEY_PREFIX, AdapterError, peft_config, read_config, read_tensors
+from lorafx.formats.adapters import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    AdapterError,
+    check_base,
+    in_dtype,
+    peft_config,
+    read_config,
+    read_tensors,
+)
 
 DEFAULT = "default"  # PEFT's name for the adapter a model is created with
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -62,6 +71,7 @@ def load_named(lm, directory, name: str) -> None:
     config = read_config(directory)
     if config.get("use_dora"):
         raise AdapterError(f"{directory}: a DoRA adapter cannot join a bank of named adapters (plain LoRA only)")
+    check_base(config, lm.spec.init, os.path.join(directory, CONFIG_NAME))
     r = config["r"]
     scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
     pairs = _pairs(read_tensors(directory), lm.linear_sites(), r, directory)
@@ -101,8 +111,7 @@ def _pairs(tensors, sites, r, directory) -> dict[str, tuple[torch.Tensor, torch.
                     f"{directory}: {KEY_PREFIX}{path}.lora_{kind}.weight has shape {tuple(ab[kind].shape)}, "
                     f"expected {shape} (r={r})"
                 )
-            if not ab[kind].is_floating_point():
-                raise AdapterError(f"{directory}: {path}.lora_{kind}.weight is {ab[kind].dtype}, not a float tensor")
+            ab[kind] = in_dtype(ab[kind], site.dtype, f"{directory}: {KEY_PREFIX}{path}.lora_{kind}.weight")
         pairs[path] = (ab["A"], ab["B"])
     return pairs
 

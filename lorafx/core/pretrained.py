@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import sys
 
@@ -26,7 +27,7 @@ from lorafx.passes.quantize_nf4 import install_nf4
 
 from .capture import capture, parameters_on_meta
 from .model import LoraModel
-from .spec import LoraSpec
+from .spec import LoraSpec, dtype_named
 
 # Files of a checkpoint folder that are not weights: `lorafx merge` copies them; any one of them means the folder has a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -47,8 +48,8 @@ _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") and hasattr(ctypes
 def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None, progress: bool = True):
     """A LoraModel from a local HF checkpoint folder (config.json + safetensors shards).
 
-    `dtype` is the dtype of the parameters that stay full precision (default: the config's
-    dtype, else float32). Weights `spec.quantizes` are streamed straight to NF4.
+    `dtype` is the dtype of the parameters that stay full precision, a torch dtype or its name
+    (default or "auto": the config's dtype, else float32). Weights `spec.quantizes` are streamed straight to NF4.
     """
     if not isinstance(spec, LoraSpec):
         raise TypeError(
@@ -72,9 +73,11 @@ def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None,
             "but from_pretrained with NF4 quantizes each weight as it streams in (or reads a 4-bit "
             "checkpoint): load the model in float with transformers and call lorafx.transform(model, spec)"
         )
-    dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    if dtype is not None and dtype != "auto":  # "auto": the config's dtype, as transformers' torch_dtype="auto"
+        dtype = dtype_named(dtype)
+    else:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = dtype_named(dtype)
     with parameters_on_meta():
         model = _build_model(config)
     _placeholders(model, dtype)
@@ -103,7 +106,20 @@ def _build_model(config):
 def _read_config(directory):
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{directory!r} has no config.json: not a Hugging Face checkpoint folder")
+    _check_config_dtype(os.path.join(directory, "config.json"))
     return transformers.AutoConfig.from_pretrained(directory)
+
+
+def _check_config_dtype(path):
+    """config.json's dtype names a floating dtype (transformers would fail on getattr(torch, name))."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # transformers' own error says what is wrong with the file
+    for field in ("dtype", "torch_dtype"):
+        if isinstance(raw, dict) and raw.get(field) is not None:
+            dtype_named(raw[field], f"{path}: {field}")
 
 
 def _placeholders(model, dtype):

@@ -14,12 +14,14 @@ from typing import Sequence
 
 import torch
 
-from lorafx.formats.adapters import check_config, read_config
+from lorafx.formats.adapters import ALPHA_LIMIT, check_config, read_config
 
 INITS = ("kaiming", "gaussian", "pissa", "loftq")  # and "pissa_niter_<N>"
 PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
 QUANTIZE = (None, "nf4")
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+# dtype names accepted where a dtype may be given as a string (as transformers' torch_dtype).
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 CHECKPOINT = (None, "layer")
 BIASES = ("none",)
 ALL_LINEAR = "all-linear"
@@ -94,9 +96,10 @@ class LoraSpec:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             _fail("r", self.r, "an integer >= 1")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
-            math.isfinite(self.alpha) and self.alpha > 0
+            math.isfinite(self.alpha) and abs(self.alpha) <= ALPHA_LIMIT
         ):
-            _fail("alpha", self.alpha, "a finite number > 0")
+            # 0 and negative alphas are PEFT's too (scale 0 or negative); beyond float32 the scale is inf.
+            _fail("alpha", self.alpha, f"a finite number with |alpha| <= {ALPHA_LIMIT:.7g} (float32's largest)")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
             0 <= self.dropout < 1
         ):
@@ -140,6 +143,9 @@ class LoraSpec:
         if self.init == "loftq" and self.quantize != "nf4":
             allowed = f"'loftq' only with quantize='nf4' (LoftQ fits B·A to the NF4 error), not quantize={self.quantize!r}"
             _fail("init", self.init, allowed)
+        if self.init_from_weights and self.alpha <= 0:
+            # PiSSA and LoftQ share W's singular values between A and B as sqrt(S / scale).
+            _fail("alpha", self.alpha, f"a number > 0 with init={self.init!r} (it splits W as sqrt(S / scale))")
 
     @property
     def init_from_weights(self) -> bool:
@@ -225,6 +231,16 @@ class LoraSpec:
             bias=config.get("bias", "none"),
             modules_to_save=config.get("modules_to_save"),
         )
+
+
+def dtype_named(value, field: str = "dtype") -> torch.dtype:
+    """A torch floating dtype given as itself or by name ("bfloat16", "torch.float16")."""
+    if isinstance(value, str):
+        value = DTYPE_NAMES.get(value.removeprefix("torch."), value)
+    if value not in DTYPE_NAMES.values():
+        allowed = ", ".join(f"{name!r}" for name in DTYPE_NAMES)
+        raise ValueError(f"{field}={value!r} is invalid: allowed is a torch floating dtype or one of {allowed}")
+    return value
 
 
 def _check_selector(field: str, value):

@@ -8,7 +8,9 @@ Only safetensors are read: pickled adapter_model.bin files are refused.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 
 import safetensors
 import safetensors.torch
@@ -31,6 +33,14 @@ TASK_TYPES = {
 
 class AdapterError(ValueError):
     """An adapter folder that does not fit the model: the message names the first problem."""
+
+
+# lora_alpha (and so the scale alpha/r) must be a float32 number: the LoRA weights and the
+# adapter banks hold it in float32, where a larger value is inf and scale·B·A·x becomes NaN.
+ALPHA_LIMIT = torch.finfo(torch.float32).max
+# init_lora_weights values whose adapter sits on the base weights as they are; every other
+# init (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ, ...) trained on a base it rewrote.
+KEEPS_BASE = (True, False, "kaiming", "gaussian", "eva", "orthogonal")
 
 
 def peft_config(lm) -> dict:
@@ -191,7 +201,97 @@ def check_config(config, path: str) -> dict:
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in config:
             raise AdapterError(f"{path} has no {field!r} field")
+    if config["target_modules"] is None:
+        raise AdapterError(
+            f"{path}: target_modules=None: PEFT fills in per-architecture defaults there, which lorafx does not; "
+            "list the targets (e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear')"
+        )
+    for field, (valid, allowed) in CONFIG_VALUES.items():
+        if field in config and not valid(config[field]):
+            raise AdapterError(f"{path}: {field}={config[field]!r} is invalid: allowed is {allowed}")
     return config
+
+
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_alpha(value) -> bool:
+    """A finite number within float32 (0 and negative alphas are allowed, as PEFT allows them)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        abs(value) <= ALPHA_LIMIT
+    )
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
+
+
+def _is_pattern(valid):
+    return lambda value: value is None or (
+        isinstance(value, dict) and all(isinstance(k, str) and valid(v) for k, v in value.items())
+    )
+
+
+ALPHA_ALLOWED = f"a finite number with |lora_alpha| <= {ALPHA_LIMIT:.7g} (float32's largest)"
+# adapter_config.json fields lorafx reads: a check and what it allows (for the message).
+CONFIG_VALUES = {
+    "r": (_is_rank, "an integer >= 1"),
+    "lora_alpha": (_is_alpha, ALPHA_ALLOWED),
+    "target_modules": (lambda v: isinstance(v, str) or _is_names(v), "a regex string or a list of module names"),
+    "exclude_modules": (lambda v: v is None or isinstance(v, str) or _is_names(v), "null, a regex or a list of names"),
+    "modules_to_save": (lambda v: v is None or isinstance(v, str) or _is_names(v), "null or a list of module names"),
+    "lora_dropout": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+        "a number with 0 <= lora_dropout <= 1",
+    ),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or an init name such as 'pissa'"),
+    "rank_pattern": (_is_pattern(_is_rank), "null or an object of module patterns to integers >= 1"),
+    "alpha_pattern": (_is_pattern(_is_alpha), f"null or an object of module patterns to numbers ({ALPHA_ALLOWED})"),
+}
+
+
+def pattern_value(patterns, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern: the first key that equals a dotted suffix of the path (regex)."""
+    for pattern, value in (patterns or {}).items():
+        try:
+            if re.fullmatch(rf"(.*\.)?(?:{pattern})", path):
+                return value
+        except re.error as e:
+            raise AdapterError(f"pattern {pattern!r} in adapter_config.json is not a regex: {e}") from None
+    return default
+
+
+def layer_scale(config: dict, path: str, r: int) -> float:
+    """The scale PEFT gives the layer at `path` of rank `r`: its alpha (alpha_pattern) over r (√r with rsLoRA)."""
+    alpha = pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def check_base(config: dict, model_init, what: str) -> None:
+    """Refuse an adapter trained on a base its init rewrote (PiSSA, OLoRA, ...) unless the model's
+    base was rewritten the same way, and the other way round. PEFT's from_pretrained re-runs the
+    adapter's init on the base; load_adapter cannot, the model's base is already in place."""
+    init = config.get("init_lora_weights", True)
+    if init == (True if model_init == "kaiming" else model_init) or (init in KEEPS_BASE and model_init in KEEPS_BASE):
+        return
+    if init in KEEPS_BASE:
+        raise AdapterError(
+            f"{what}: init_lora_weights={init!r} is an adapter for the original base weights, but this model was "
+            f"transformed with init={model_init!r}, which rewrote its base (W minus the adapter's initial part); "
+            "load it into a model transformed with the default init"
+        )
+    raise AdapterError(
+        f"{what}: init_lora_weights={init!r}: the adapter was trained on the base that init rewrote (W minus its "
+        f"initial B0·A0), but this model was transformed with init={model_init!r}, so its base is another one. "
+        "Load it with LoraModel.from_pretrained(model, folder) (transforms the original model with that init, as "
+        "PEFT's from_pretrained does), or save it converted to a plain LoRA adapter for the original base: PEFT's "
+        "save_pretrained(..., path_initial_model_for_weight_conversion=...) or lorafx's "
+        "save_adapter(..., convert_from=initial_folder)"
+    )
 
 
 def read_tensors(directory: str) -> dict[str, torch.Tensor]:
@@ -204,9 +304,16 @@ def read_tensors(directory: str) -> dict[str, torch.Tensor]:
             )
         raise AdapterError(f"{path} is missing")
     try:
-        return safetensors.torch.load_file(path)
+        tensors = safetensors.torch.load_file(path)
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{path} is not a valid safetensors file: {e}") from e
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise AdapterError(f"{path}: {key} is {value.dtype}; adapter weights must be floating point")
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise AdapterError(f"{path}: {key} holds {bad} NaN/Inf value(s); adapter weights must be finite")
+    return tensors
 
 
 def load_adapter(lm, directory) -> None:
@@ -223,6 +330,7 @@ def load_adapter(lm, directory) -> None:
             f"alpha={spec.alpha}, use_rslora={spec.use_rslora}, use_dora={spec.use_dora}; "
             f"transform with LoraSpec.from_peft_config({directory!r})"
         )
+    check_base(config, spec.init, os.path.join(directory, CONFIG_NAME))
     load_tensors(lm, read_tensors(directory))
 
 
@@ -248,6 +356,19 @@ def load_tensors(lm, tensors: dict[str, torch.Tensor]) -> None:
             raise AdapterError(
                 f"{KEY_PREFIX + name} has shape {tuple(loaded[name].shape)}, the model expects {tuple(p.shape)}"
             )
+        loaded[name] = in_dtype(loaded[name], p.dtype, KEY_PREFIX + name)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(loaded[name])
+
+
+def in_dtype(value: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """`value` cast to the model's `dtype`, refused if a finite value overflows there (float32 → float16)."""
+    cast = value.to(dtype)
+    if not torch.isfinite(cast).all():
+        largest = float(value.abs().max())
+        raise AdapterError(
+            f"{key} holds values up to {largest:.4g}, beyond {dtype}'s range (largest {torch.finfo(dtype).max:.4g}): "
+            "it would load as inf"
+        )
+    return cast

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 
 import torch
@@ -148,6 +149,11 @@ class NF4Weight:
             # under a wider dtype; the byte order is unchanged.
             packed = packed.contiguous().view(torch.uint8).reshape(-1, 1)
         absmax = sd[f"{prefix}.absmax"]
+        # A NaN/Inf scale or code dequantizes its whole block (or all blocks) to NaN/Inf.
+        for name in names[1:]:
+            tensor = sd[f"{prefix}{name}"]
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"NF4 weight '{prefix}': '{prefix}{name}' holds NaN/Inf; the quant state must be finite")
         try:
             return cls(
                 packed=packed,
@@ -189,6 +195,8 @@ def _parse_quant_state(tensor: Tensor, key: str) -> dict:
     if state["dtype"] not in _DTYPES:
         raise ValueError(f"'{key}' field 'dtype' is {state['dtype']!r}; allowed: {', '.join(_DTYPES)}")
     if "nested_offset" in state:
+        if not math.isfinite(state["nested_offset"]):
+            raise ValueError(f"'{key}' field 'nested_offset' is {state['nested_offset']!r}; expected a finite number")
         if state["nested_blocksize"] != NESTED_BLOCKSIZE:
             raise ValueError(
                 f"'{key}' field 'nested_blocksize' is {state['nested_blocksize']}; allowed: {NESTED_BLOCKSIZE}"

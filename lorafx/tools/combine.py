@@ -9,7 +9,9 @@ for the same random masks):
   weights; all adapters need the same r.
 - cat: stack the A's (times w·scale) and the B's: rank = Σr, exact Σ w·scale·B·A.
 - svd: Δ = Σ w·scale·B·A per layer, truncated SVD to rank `svd_rank` (default max r).
-The new adapter has lora_alpha = r (scale 1), as PEFT writes it.
+The new adapter has lora_alpha = r and use_rslora false (scale 1: every source's own scale,
+rsLoRA's alpha/√r included, is in the weights; peft#3449), one rank for every layer (zero rows
+pad the lower ranks of rank_pattern adapters, as PEFT pads cat), and no rank/alpha patterns.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import safetensors.torch
 import torch
 
-from lorafx.formats.adapters import KEY_PREFIX, read_config, read_tensors
+from lorafx.formats.adapters import KEY_PREFIX, AdapterError, layer_scale, pattern_value, read_config, read_tensors
 from lorafx.formats.files import write_atomically, write_text
 
 SEPARATE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -43,21 +45,29 @@ def combine_adapters(
 
     `density` (0 < d ≤ 1) is required by ties, dare_* and magnitude_prune: the fraction of
     entries each source keeps. `seed` drives DARE's random masks. "dare" means "dare_linear".
+    Every input is read and checked before `out` is written: plain LoRA adapters (no DoRA, no
+    modules_to_save) of one model, each layer's rank as its config says (`rank_pattern` too).
     """
     method = "dare_linear" if method == "dare" else method
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid: allowed is {', '.join(METHODS)}")
     if not adapters or len(adapters) != len(weights):
         raise ValueError(f"need one weight per adapter: got {len(adapters)} adapters and {len(weights)} weights")
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"weights={list(weights)!r} is invalid: allowed is finite numbers")
     needs_density = method in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
     if needs_density and not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise ValueError(f"method={method!r} needs density with 0 < density <= 1, got {density!r}")
     if majority_sign_method not in SIGN_METHODS:
         raise ValueError(f"majority_sign_method={majority_sign_method!r} is invalid: allowed is total or frequency")
-    configs = [read_config(os.fspath(a)) for a in adapters]
-    tensors = [_layers(read_tensors(os.fspath(a))) for a in adapters]
-    scales = [c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]) for c in configs]
-    ranks = [c["r"] for c in configs]
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"svd_rank={svd_rank!r} is invalid: allowed is None (the largest r) or an integer >= 1")
+    folders = [os.fspath(a) for a in adapters]
+    configs = [_combinable(read_config(folder), folder) for folder in folders]
+    layers = [_layers(read_tensors(folder), config, folder) for folder, config in zip(folders, configs)]
+    # As PEFT: an adapter's rank is its largest (r or a rank_pattern value); zero rows pad the rest.
+    ranks = [max([c["r"], *(c.get("rank_pattern") or {}).values()]) for c in configs]
     if method in SEPARATE and len(set(ranks)) > 1 and len(adapters) > 1:
         raise ValueError(f"method={method!r} needs adapters of equal r, got r={ranks}; use 'cat' or 'svd'")
     if len(adapters) == 1:
@@ -65,16 +75,19 @@ def combine_adapters(
     new_rank = {"cat": sum(ranks), "svd": svd_rank or max(ranks)}.get(method, ranks[0])
     generator = torch.Generator().manual_seed(seed)
     result = {}
-    for path in sorted(set().union(*tensors)):
-        sources = [(t[path][0], t[path][1], w * s) for t, w, s in zip(tensors, weights, scales) if path in t]
+    for path in sorted(set().union(*layers)):
+        sources = [(*found[path][:2], w * found[path][2]) for found, w in zip(layers, weights) if path in found]
+        _check_layer(path, sources, method, new_rank, [f for f, found in zip(folders, layers) if path in found])
         a, b = _combine(sources, method, density, majority_sign_method, new_rank, generator)
-        result[f"{KEY_PREFIX}{path}.lora_A.weight"] = a.contiguous()
-        result[f"{KEY_PREFIX}{path}.lora_B.weight"] = b.contiguous()
+        pad = new_rank - a.shape[0]
+        result[f"{KEY_PREFIX}{path}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
+        result[f"{KEY_PREFIX}{path}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()
     config = dict(configs[0])
     targets = [c["target_modules"] for c in configs]
     config.update(
         r=new_rank,
-        lora_alpha=new_rank,
+        lora_alpha=new_rank,  # scale 1: every source's scale is in the weights
+        use_rslora=False,  # else the scale is √r (the fix of peft#3449)
         rank_pattern={},
         alpha_pattern={},
         target_modules="|".join(f"({t})" for t in targets)
@@ -93,13 +106,63 @@ def combine_adapters(
     return out
 
 
-def _layers(tensors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module path → (A, B) from an adapter's keys."""
-    paths = {k[len(KEY_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors}
-    return {
-        p: (tensors[f"{KEY_PREFIX}{p}.lora_A.weight"], tensors[f"{KEY_PREFIX}{p}.lora_B.weight"])
-        for p in paths
-    }
+def _combinable(config: dict, folder: str) -> dict:
+    """Refuse what a weighted sum of B·A cannot carry: DoRA magnitudes, modules trained in full."""
+    if config.get("use_dora"):
+        raise AdapterError(
+            f"{folder} is a DoRA adapter (use_dora=true): its magnitude vectors rescale each row of W + ΔW, which no "
+            "combination of B·A reproduces (PEFT's add_weighted_adapter does not combine them either); "
+            "merge each DoRA adapter into the model instead"
+        )
+    if config.get("modules_to_save"):
+        raise AdapterError(
+            f"{folder} trains modules_to_save={config['modules_to_save']!r} in full (e.g. a classifier head): "
+            "combine_adapters combines LoRA layers only, and full weights of two adapters cannot be weighted "
+            "together; combine adapters without modules_to_save"
+        )
+    return config
+
+
+def _layers(tensors: dict, config: dict, folder: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """module path → (A, B, scale) from an adapter's keys, each layer's rank checked against its config."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        path, _, kind = key.removeprefix(KEY_PREFIX).rpartition(".lora_")
+        if not key.startswith(KEY_PREFIX) or kind not in ("A.weight", "B.weight") or value.dim() != 2:
+            raise AdapterError(
+                f"{folder}: {key} {tuple(value.shape)} is not a 2-d lora_A/lora_B weight under {KEY_PREFIX!r}; "
+                "combine_adapters combines LoRA layers of linear modules only"
+            )
+        pairs.setdefault(path, {})[kind[0]] = value
+    layers = {}
+    for path, ab in pairs.items():
+        if ab.keys() != {"A", "B"}:
+            missing = "B" if "A" in ab else "A"
+            raise AdapterError(f"{folder}: {KEY_PREFIX}{path}.lora_{missing}.weight is missing")
+        r = pattern_value(config.get("rank_pattern"), path, config["r"])
+        if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
+            raise AdapterError(
+                f"{folder}: {path} has lora_A {tuple(ab['A'].shape)} and lora_B {tuple(ab['B'].shape)}, but "
+                f"adapter_config.json gives it r={r} (r, rank_pattern): the files disagree"
+            )
+        layers[path] = (ab["A"], ab["B"], layer_scale(config, path, r))
+    return layers
+
+
+def _check_layer(path, sources, method, new_rank, folders) -> None:
+    """The sources of one layer fit together: one model's shapes, equal ranks where A's and B's mix."""
+    shapes = [(b.shape[0], a.shape[1]) for a, b, _ in sources]
+    if len(set(shapes)) > 1:
+        listed = ", ".join(f"{f}: {s[0]}x{s[1]}" for f, s in zip(folders, shapes))
+        raise AdapterError(f"{path} has different shapes (out x in) in the adapters ({listed}): adapters of different models")
+    if method in SEPARATE and len({a.shape[0] for a, _, _ in sources}) > 1:
+        listed = ", ".join(f"{f}: r={a.shape[0]}" for f, (a, _, _) in zip(folders, sources))
+        raise AdapterError(f"method={method!r} mixes A's and B's, but {path} has different ranks ({listed}); use 'cat' or 'svd'")
+    if method == "svd" and new_rank > min(shapes[0]):
+        raise ValueError(
+            f"svd_rank={new_rank} (default: the largest r) is invalid for {path} ({shapes[0][0]}x{shapes[0][1]}): "
+            f"allowed is at most min(out, in) = {min(shapes[0])}"
+        )
 
 
 def _combine(sources, method, density, sign_method, new_rank, generator):

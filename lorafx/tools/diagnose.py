@@ -9,15 +9,13 @@ full fine-tuning does not create and that correlate with forgetting.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 import struct
 import zlib
 
 import torch
 
-from lorafx.formats.adapters import KEY_PREFIX, AdapterError, read_config, read_tensors
+from lorafx.formats.adapters import KEY_PREFIX, AdapterError, layer_scale, read_config, read_tensors
 from lorafx.formats.checkpoints import checkpoint_index, open_shard  # the reader from_pretrained uses
 from lorafx.formats.files import write_atomically
 
@@ -55,25 +53,15 @@ def diagnose(adapter_dir, base, k: int = 10, epsilon: float = 0.5) -> list[Layer
             raise AdapterError(f"{os.fspath(adapter_dir)}: lora_B of {path!r} {found}")
         w0 = base_weights[path].float()
         r = a.shape[0]  # PEFT's rank_pattern gives layers their own r
-        alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
-        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        scale = layer_scale(config, path, r)
+        if not torch.isfinite(w0).all():
+            raise AdapterError(f"{where}: the base weight {path}.weight holds NaN/Inf: diagnose needs finite weights")
         delta = _in_layout_of(w0, scale * (b.float() @ a), bool(config.get("fan_in_fan_out")))
         if delta is None:
             raise AdapterError(f"{path}: adapter update {(b.shape[0], a.shape[1])} does not fit {where}'s "
                                f"weight {tuple(w0.shape)}: is it the model the adapter was trained on?")
         reports.append(_layer(path, w0, delta, r, k, epsilon))
     return reports
-
-
-def _pattern_value(patterns, path, default):
-    """PEFT's alpha_pattern / rank_pattern: the first key that equals a dotted suffix of the path (regex)."""
-    for pattern, value in (patterns or {}).items():
-        try:
-            if re.fullmatch(rf"(.*\.)?(?:{pattern})", path):
-                return value
-        except re.error as e:
-            raise AdapterError(f"pattern {pattern!r} in adapter_config.json is not a regex: {e}") from None
-    return default
 
 
 def _in_layout_of(w0, delta, fan_in_fan_out):
