@@ -464,6 +464,7 @@ class LoraModel(PeftSurface, torch.nn.Module):
                 merge_lora(merged.graph_module, self.spec),
             ]
             merged._adapters, merged._active = None, None
+            merged._untie_config()
             return merged
         # merge_lora reads insert_lora's flat subgraph: undo checkpointing and fusion first.
         merged.pass_results = [
@@ -471,7 +472,18 @@ class LoraModel(PeftSurface, torch.nn.Module):
             unfuse_nf4_lora(merged.graph_module, self.spec),
             merge_lora(merged.graph_module, self.spec),
         ]
+        merged._untie_config()
         return merged
+
+    def _untie_config(self) -> None:
+        """After a merge gave a tied layer (lm_head) a weight of its own: the config says so, so
+        that save_pretrained writes both and from_pretrained does not tie them again."""
+        if not any(r.counts.get("untied") for r in self.pass_results) or self.config is None:
+            return
+        warnings.warn("merge: the LoRA-adapted output embeddings are no longer tied to the input embeddings; "
+                      "setting config.tie_word_embeddings=False (as PEFT's merge_and_unload does)")
+        for config in {id(c): c for c in (self.config, self.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
 
     def merge_and_unload(self) -> torch.nn.Module:
         """A new instance of the original model class (a transformers model: `generate`,
@@ -491,6 +503,8 @@ class LoraModel(PeftSurface, torch.nn.Module):
                 delattr(owner, STORAGE)
                 owner.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
         model = skeleton(self._blueprint, store)
+        if merged.config is not None and not merged.config.tie_word_embeddings:
+            model.config.tie_word_embeddings = model.config.get_text_config().tie_word_embeddings = False
         missing = [n for n, p in model.named_parameters() if p.stride() and 0 in p.stride() and p.numel() > 1]
         if missing:
             raise RuntimeError(f"merge_and_unload: no merged tensor for {missing[0]} ({len(missing)} parameters)")
