@@ -252,6 +252,12 @@ class LoraModel(PeftSurface, torch.nn.Module):
             raise ValueError(f"input_ids must hold integer token ids, got {ids.dtype}")
         if 0 in ids.shape:
             raise ValueError(f"input_ids has shape {tuple(ids.shape)}: batch and sequence length must be >= 1")
+        kwargs["input_ids"] = ids = self._checked_ids(ids)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"attention_mask must be a tensor like input_ids, got {type(mask).__name__}")
+            kwargs["attention_mask"] = mask.long()  # bool / int32 masks, as transformers takes them
         if "position_ids" in kwargs:
             return self._with_positions(ids, kwargs)
         if "attention_mask" in self.input_names and "attention_mask" not in kwargs:
@@ -261,6 +267,23 @@ class LoraModel(PeftSurface, torch.nn.Module):
                 f"attention_mask shape {tuple(kwargs['attention_mask'].shape)} != input_ids shape {tuple(ids.shape)}"
             )
         return kwargs
+
+    def _checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """input_ids as int64 (int32 ids are taken, as transformers takes them), each a token of the
+        vocabulary, the sequence no longer than the position limit the graph was captured for
+        (GPT-2's position table; RoPE models are bounded by max_position_embeddings too).
+        One min/max: cheap beside the model."""
+        text = self.config.get_text_config()
+        limit = getattr(text, "max_position_embeddings", None)
+        if limit is not None and ids.shape[1] > limit:
+            raise ValueError(f"input_ids has {ids.shape[1]} tokens; {self.model_class} takes at most "
+                             f"max_position_embeddings={limit}")
+        vocab = getattr(text, "vocab_size", None)
+        low, high = (int(v) for v in torch.aminmax(ids))
+        if low < 0 or (vocab is not None and high >= vocab):
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids holds token id {bad}; the vocabulary has vocab_size={vocab} ids (0..{vocab - 1})")
+        return ids.long()
 
     def _with_positions(self, ids, kwargs):
         """Inputs with position_ids, in the order the view takes them. As in transformers,

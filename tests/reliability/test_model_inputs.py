@@ -7,6 +7,11 @@ Merge
     embeddings stay as they were, config.tie_word_embeddings becomes False); the saved model
     reloads with transformers to the same logits, and equals PEFT's merge of the untied model
     (PEFT's recipe; PEFT's merge of the tied model changes the embeddings and only warns).
+Inputs at call time (LoraModel.forward)
+  2 int32 input_ids, 3 a bool attention_mask: taken, logits equal the HF model's
+  4 token id >= vocab_size, 5 a negative token id: ValueError naming the id and vocab_size
+  6 attention_mask given as a list: TypeError naming its type (transformers fails on it too)
+  7 a sequence longer than max_position_embeddings (GPT-2): ValueError naming length and limit
 """
 
 import warnings
@@ -62,3 +67,40 @@ def test_merge_of_lora_on_a_tied_lm_head_keeps_the_trained_model(arch, tmp_path)
         warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out notes for GPT-2's Conv1D
         oracle = peft.PeftModel.from_pretrained(untied, tmp_path / "adapter").merge_and_unload()
     torch.testing.assert_close(unloaded(x).logits, oracle(x).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def pair(request):
+    model = tiny_model(request.param)
+    return model, lorafx.transform(model, lorafx.LoraSpec(r=4, alpha=8, targets="all-linear"))
+
+
+def test_int32_ids_and_a_bool_mask_are_taken_as_transformers_takes_them(pair):
+    model, lm = pair
+    x = token_batch()
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[0, :2] = False
+    for kwargs in (dict(input_ids=x.int()), dict(input_ids=x, attention_mask=mask), dict(input_ids=x.int(), attention_mask=mask)):
+        torch.testing.assert_close(lm(**kwargs).logits, model(**kwargs).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [96, -3])
+def test_a_token_id_outside_the_vocabulary_is_named(pair, bad):
+    _, lm = pair
+    x = token_batch()
+    x[1, 4] = bad
+    with pytest.raises(ValueError, match=rf"token id {bad}; the vocabulary has vocab_size=96"):
+        lm(x)
+
+
+def test_an_attention_mask_that_is_not_a_tensor_is_named(pair):
+    _, lm = pair
+    with pytest.raises(TypeError, match="attention_mask must be a tensor like input_ids, got list"):
+        lm(token_batch(), attention_mask=[[1] * 7] * 2)
+
+
+def test_a_sequence_longer_than_the_position_table_is_named():
+    lm = lorafx.transform(tiny_model("gpt2"), lorafx.LoraSpec(r=4, alpha=8, targets=["c_attn"]))
+    with pytest.raises(ValueError, match="input_ids has 65 tokens; GPT2LMHeadModel takes at most max_position_embeddings=64"):
+        lm(torch.randint(3, 96, (1, 65)))
+    assert lm(torch.randint(3, 96, (1, 64))).logits.shape == (1, 64, 96)
