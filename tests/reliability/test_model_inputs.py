@@ -12,11 +12,19 @@ Inputs at call time (LoraModel.forward)
   4 token id >= vocab_size, 5 a negative token id: ValueError naming the id and vocab_size
   6 attention_mask given as a list: TypeError naming its type (transformers fails on it too)
   7 a sequence longer than max_position_embeddings (GPT-2): ValueError naming length and limit
+Training checkpoints
+  8 an optimizer moment of the wrong shape: CheckpointError naming the state, parameter and both
+    shapes at load; model and optimizer unchanged
+  9 step -5 / "5" in training_state.json: CheckpointError naming step
+ 10 save_checkpoint / load_checkpoint with optimizer=None: TypeError saying to use save_adapter;
+    nothing written
 """
 
+import json
 import warnings
 
 import peft
+import safetensors.torch
 import pytest
 import torch
 import transformers
@@ -104,3 +112,45 @@ def test_a_sequence_longer_than_the_position_table_is_named():
     with pytest.raises(ValueError, match="input_ids has 65 tokens; GPT2LMHeadModel takes at most max_position_embeddings=64"):
         lm(torch.randint(3, 96, (1, 65)))
     assert lm(torch.randint(3, 96, (1, 64))).logits.shape == (1, 64, 96)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    lm = lorafx.transform(tiny_model("llama"), lorafx.LoraSpec(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW(lm.trainable_parameters(), lr=1e-2)
+    lm(token_batch(), labels=token_batch()).loss.backward()
+    opt.step()
+    lorafx.save_checkpoint(tmp_path / "ckpt", lm, opt, 1)
+    return lm, opt, tmp_path / "ckpt"
+
+
+def test_a_wrong_shape_optimizer_moment_is_named_at_load(checkpoint):
+    lm, opt, folder = checkpoint
+    path = folder / "training_state.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    key = next(k for k in sorted(tensors) if "exp_avg" in k)
+    tensors[key] = torch.zeros(3, 5)
+    safetensors.torch.save_file(tensors, path)
+    before = ({n: p.detach().clone() for n, p in lm.named_lora_parameters()}, str(opt.state_dict()))
+    with pytest.raises(lorafx.CheckpointError, match=r"optimizer state 'exp_avg\w*' of \S+ has shape \(3, 5\); the parameter has shape"):
+        lorafx.load_checkpoint(folder, lm, opt)
+    assert all(torch.equal(p, before[0][n]) for n, p in lm.named_lora_parameters())
+    assert str(opt.state_dict()) == before[1]
+
+
+@pytest.mark.parametrize("step", [-5, "5", True])
+def test_a_bad_step_is_named(checkpoint, step):
+    lm, opt, folder = checkpoint
+    state = json.loads((folder / "training_state.json").read_text())
+    (folder / "training_state.json").write_text(json.dumps({**state, "step": step}))
+    with pytest.raises(lorafx.CheckpointError, match="field 'step' is"):
+        lorafx.load_checkpoint(folder, lm, opt)
+
+
+def test_a_checkpoint_needs_an_optimizer(checkpoint, tmp_path):
+    lm, _, folder = checkpoint
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer .* got NoneType; .*save_adapter"):
+        lorafx.save_checkpoint(tmp_path / "new", lm, None, 1)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        lorafx.load_checkpoint(folder, lm, None)
