@@ -21,6 +21,7 @@ renames leaves a `.<name>.tmp-*` folder beside it, which is safe to delete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -150,14 +151,21 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square
 
 
 def _check_moment_shapes(directory, optimizer, optimizer_state, names) -> None:
-    """Each saved moment has its parameter's shape: else the load succeeds and the next step crashes."""
+    """Each saved moment has its parameter's shape: else the load succeeds and the next step crashes.
+    A parameter the checkpoint's adapter file stores in another shape is left to load_adapter,
+    whose error says the checkpoint is of another model."""
+    stored = {}
+    with contextlib.suppress(OSError, safetensors.SafetensorError):
+        with safetensors.safe_open(os.path.join(directory, "adapter_model.safetensors"), "pt") as f:
+            stored = {key.removeprefix("base_model.model."): tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     params = [(n, p) for group, group_names in zip(optimizer.param_groups, names) for n, p in zip(group_names, group["params"])]
     for index, entry in optimizer_state.get("state", {}).items():
         name, p = params[int(index)] if 0 <= int(index) < len(params) else (None, None)
         if p is None:
             raise CheckpointError(f"{directory}: optimizer state for parameter index {index}; the optimizer has {len(params)}")
         for key, value in entry.items():
-            if key in MOMENTS and isinstance(value, torch.Tensor) and value.shape != p.shape:
+            if key in MOMENTS and isinstance(value, torch.Tensor) and value.shape != p.shape \
+                    and stored.get(name, tuple(p.shape)) == tuple(p.shape):
                 raise CheckpointError(
                     f"{directory}: optimizer state {key!r} of {name} has shape {tuple(value.shape)}; "
                     f"the parameter has shape {tuple(p.shape)}"
