@@ -63,6 +63,7 @@ def transform(
         raise TypeError(f"spec must be a lorafx.LoraSpec, IA3Spec or VeraSpec, got {type(spec).__name__}")
     if isinstance(model, LoraModel):
         raise TypeError("model is already a LoraModel; transform the original model instead")
+    _check_weights_present(model, spec)
     captured = capture(model, example_args, example_kwargs, dynamic_shapes)
     spec = spec.resolved(captured.output_head, type(model).__name__)
     variant = variant_of(spec)
@@ -71,6 +72,25 @@ def transform(
     lm.pass_results = results
     lm.train(model.training)
     return lm
+
+
+def _check_weights_present(model: torch.nn.Module, spec) -> None:
+    """A model whose weights an NF4 transform already emptied (it consumes the original, as PEFT
+    does), or one on the meta device, has no weights to capture or quantize: say so by name."""
+    emptied = [n for n, p in model.named_parameters() if p.numel() == 0 and p.dim() == 1 and "weight" in n]
+    if emptied:
+        raise ValueError(
+            f"{type(model).__name__} was already transformed with quantize='nf4', which freed its weights "
+            f"({emptied[0]} and {len(emptied) - 1} more are empty): transform a fresh copy of the model, or use "
+            "the LoraModel the first transform returned"
+        )
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta and getattr(spec, "quantize", None) == "nf4":
+        raise ValueError(
+            f"{type(model).__name__} has weights on the meta device ({meta[0]} and {len(meta) - 1} more): "
+            "quantize='nf4' needs their values; load it with lorafx.from_pretrained(folder, spec), which "
+            "quantizes while streaming the checkpoint"
+        )
 
 
 class LoraModel(PeftSurface, torch.nn.Module):

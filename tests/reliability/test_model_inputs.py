@@ -18,6 +18,9 @@ Training checkpoints
   9 step -5 / "5" in training_state.json: CheckpointError naming step
  10 save_checkpoint / load_checkpoint with optimizer=None: TypeError saying to use save_adapter;
     nothing written
+NF4 transform
+ 11 transform of a model an NF4 transform already consumed: ValueError naming an emptied weight
+ 12 NF4 transform of a meta-device model: ValueError naming a meta weight and from_pretrained
 """
 
 import json
@@ -154,3 +157,19 @@ def test_a_checkpoint_needs_an_optimizer(checkpoint, tmp_path):
     assert not (tmp_path / "new").exists()
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         lorafx.load_checkpoint(folder, lm, None)
+
+
+def test_a_model_an_nf4_transform_consumed_is_named():
+    model = tiny_model("llama")
+    first = lorafx.transform(model, lorafx.LoraSpec(r=4, alpha=8, targets=["q_proj"], quantize="nf4"))
+    for spec in (first.spec, lorafx.LoraSpec(r=4, alpha=8, targets=["q_proj"])):
+        with pytest.raises(ValueError, match=r"already transformed with quantize='nf4'.*q_proj.weight and \d+ more are empty"):
+            lorafx.transform(model, spec)
+    assert first(token_batch()).logits.isfinite().all()  # the first result still runs
+
+
+def test_an_nf4_transform_of_a_meta_model_is_named():
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+    with pytest.raises(ValueError, match=r"on the meta device \(model.embed_tokens.weight and \d+ more\).*lorafx.from_pretrained"):
+        lorafx.transform(model, lorafx.LoraSpec(r=4, alpha=8, targets=["q_proj"], quantize="nf4"))
