@@ -66,6 +66,42 @@ def weight_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
     return value.T if node.target == aten.addmm.default else value
 
 
+def tied_parameters(gm: torch.nn.Module) -> dict[int, list[str]]:
+    """id(parameter) → its names, for parameters that more than one module owns (GPT-2's lm_head
+    and input embeddings share one)."""
+    names: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def write_weight(gm: torch.fx.GraphModule, base: torch.fx.Node, path: str, value: torch.Tensor, tied) -> bool:
+    """Store merged weight `value` (in the layout the parameter has) as `<path>.weight`, the weight
+    linear/Conv1D node `base` reads: in place, or where that weight is tied to another module's
+    (`tied`, from tied_parameters) as a new parameter of the layer's alone, read by `base` only;
+    every other reader keeps the original tensor under one of its other names, so a merge never
+    changes the module the layer was tied to. Returns whether it untied the weight."""
+    read = weight_node(base)
+    weight = fetch_attr(gm, read.target)
+    own = f"{path}.weight"
+    with torch.no_grad():
+        if id(weight) not in tied:
+            weight.copy_(value.to(weight.dtype))
+            return False
+    other = next(name for name in tied[id(weight)] if name != own)
+    gm.get_submodule(path).register_parameter(
+        "weight", torch.nn.Parameter(value.detach().to(weight.dtype), requires_grad=weight.requires_grad)
+    )
+    with gm.graph.inserting_before(base):
+        base.replace_input_with(read, gm.graph.get_attr(own))
+    if read.target == own and read.users:  # export reads a tied tensor under one name for all its users
+        with gm.graph.inserting_after(read):
+            read.replace_all_uses_with(gm.graph.get_attr(other))
+    if not read.users:
+        gm.graph.erase_node(read)
+    return True
+
+
 def free_submodule_name(gm: torch.nn.Module, name: str) -> str:
     """`name`, or `name1`, `name2`, ... : the first that is not a submodule of `gm` yet."""
     candidate, i = name, 1

@@ -6,7 +6,7 @@ import torch
 
 from lorafx.formats.nf4 import quantize_nf4
 
-from .common import LINEAR, PassResult
+from .common import LINEAR, PassResult, tied_parameters
 
 LORA_INIT = "lorafx.lora_init"  # gm.meta key: {module path: (A, B)} for insert_lora, which pops it
 
@@ -32,7 +32,7 @@ def init_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
     counts = {"pissa": 0, "loftq": 0, "default": 0}
     if not spec.init_from_weights:
         return PassResult("init_lora", counts)
-    tied = _tied_parameters(gm)
+    tied = tied_parameters(gm)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     done = set()
     for node in gm.graph.nodes:
@@ -57,13 +57,6 @@ def init_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
     gm.meta[LORA_INIT] = factors
     return PassResult("init_lora", counts)
 
-
-def _tied_parameters(gm) -> dict[int, list[str]]:
-    """id(parameter) → its names, for parameters that more than one module owns."""
-    names: dict[int, list[str]] = {}
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {k: v for k, v in names.items() if len(v) > 1}
 
 
 def _full_precision_weight(owner, site, spec, tied) -> torch.nn.Parameter:

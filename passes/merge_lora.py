@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import BRANCH_ENDS, LORA, PassResult, aten, fetch_attr, remove_tagged, weight_node, weight_value
+from .common import (
+    BRANCH_ENDS, LORA, PassResult, aten, fetch_attr, remove_tagged, tied_parameters, weight_node, weight_value, write_weight,
+)
 from .quantize_nf4 import STORAGE
 
 LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")  # what insert_lora adds to a layer
@@ -13,8 +15,12 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
 
     W ← W + scale·(B·A), and with DoRA W ← m ⊙ (W + scale·B·A) / ‖W + scale·B·A‖_row (as PEFT
     merges it), computed in float32 and cast back (transposed for Conv1D), so the merged graph
-    is the original architecture again: plain aten.linear/addmm nodes only.
+    is the original architecture again: plain aten.linear/addmm nodes only. A weight tied to
+    another module's (GPT-2's lm_head shares the input embeddings) gets a merged weight of its own
+    and the other keeps the original ("untied" counts them): folding B·A into the shared tensor
+    would change the embeddings too (PEFT's merge does, and only warns).
     """
+    tied, untied = tied_parameters(gm), 0
     branches: dict[str, dict[str, torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if LORA in node.meta:
@@ -35,8 +41,7 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
             merged = merged.T
         weight = weight_node(base)
         if weight.op == "get_attr":
-            with torch.no_grad():
-                owner.weight.copy_(merged.to(owner.weight.dtype))
+            untied += write_weight(gm, base, path, merged, tied)
         else:
             _unquantize(gm, owner, weight, merged)
     for node in reversed(list(gm.graph.nodes)):  # NF4 buffers that only the replaced dequants read
@@ -45,7 +50,8 @@ def merge_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     # Every LoRA branch (each call of a shared layer has one) ends in an `add` node.
     counts = remove_tagged(gm, (LORA,), BRANCH_ENDS, LORA_MODULES)
     return PassResult(
-        "merge_lora", {"modules": len(branches), "branches": counts["bypassed"], "nodes_removed": counts["nodes_removed"]}
+        "merge_lora", {"modules": len(branches), "branches": counts["bypassed"], "nodes_removed": counts["nodes_removed"],
+         "untied": untied}
     )
 
 

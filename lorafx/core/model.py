@@ -63,6 +63,7 @@ def transform(
         raise TypeError(f"spec must be a lorafx.LoraSpec, IA3Spec or VeraSpec, got {type(spec).__name__}")
     if isinstance(model, LoraModel):
         raise TypeError("model is already a LoraModel; transform the original model instead")
+    _check_weights_present(model, spec)
     captured = capture(model, example_args, example_kwargs, dynamic_shapes)
     spec = spec.resolved(captured.output_head, type(model).__name__)
     variant = variant_of(spec)
@@ -71,6 +72,25 @@ def transform(
     lm.pass_results = results
     lm.train(model.training)
     return lm
+
+
+def _check_weights_present(model: torch.nn.Module, spec) -> None:
+    """A model whose weights an NF4 transform already emptied (it consumes the original, as PEFT
+    does), or one on the meta device, has no weights to capture or quantize: say so by name."""
+    emptied = [n for n, p in model.named_parameters() if p.numel() == 0 and p.dim() == 1 and "weight" in n]
+    if emptied:
+        raise ValueError(
+            f"{type(model).__name__} was already transformed with quantize='nf4', which freed its weights "
+            f"({emptied[0]} and {len(emptied) - 1} more are empty): transform a fresh copy of the model, or use "
+            "the LoraModel the first transform returned"
+        )
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta and getattr(spec, "quantize", None) == "nf4":
+        raise ValueError(
+            f"{type(model).__name__} has weights on the meta device ({meta[0]} and {len(meta) - 1} more): "
+            "quantize='nf4' needs their values; load it with lorafx.from_pretrained(folder, spec), which "
+            "quantizes while streaming the checkpoint"
+        )
 
 
 class LoraModel(PeftSurface, torch.nn.Module):
@@ -252,6 +272,12 @@ class LoraModel(PeftSurface, torch.nn.Module):
             raise ValueError(f"input_ids must hold integer token ids, got {ids.dtype}")
         if 0 in ids.shape:
             raise ValueError(f"input_ids has shape {tuple(ids.shape)}: batch and sequence length must be >= 1")
+        kwargs["input_ids"] = ids = self._checked_ids(ids)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"attention_mask must be a tensor like input_ids, got {type(mask).__name__}")
+            kwargs["attention_mask"] = mask.long()  # bool / int32 masks, as transformers takes them
         if "position_ids" in kwargs:
             return self._with_positions(ids, kwargs)
         if "attention_mask" in self.input_names and "attention_mask" not in kwargs:
@@ -261,6 +287,23 @@ class LoraModel(PeftSurface, torch.nn.Module):
                 f"attention_mask shape {tuple(kwargs['attention_mask'].shape)} != input_ids shape {tuple(ids.shape)}"
             )
         return kwargs
+
+    def _checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """input_ids as int64 (int32 ids are taken, as transformers takes them), each a token of the
+        vocabulary, the sequence no longer than the position limit the graph was captured for
+        (GPT-2's position table; RoPE models are bounded by max_position_embeddings too).
+        One min/max: cheap beside the model."""
+        text = self.config.get_text_config()
+        limit = getattr(text, "max_position_embeddings", None)
+        if limit is not None and ids.shape[1] > limit:
+            raise ValueError(f"input_ids has {ids.shape[1]} tokens; {self.model_class} takes at most "
+                             f"max_position_embeddings={limit}")
+        vocab = getattr(text, "vocab_size", None)
+        low, high = (int(v) for v in torch.aminmax(ids))
+        if low < 0 or (vocab is not None and high >= vocab):
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids holds token id {bad}; the vocabulary has vocab_size={vocab} ids (0..{vocab - 1})")
+        return ids.long()
 
     def _with_positions(self, ids, kwargs):
         """Inputs with position_ids, in the order the view takes them. As in transformers,
@@ -464,6 +507,7 @@ class LoraModel(PeftSurface, torch.nn.Module):
                 merge_lora(merged.graph_module, self.spec),
             ]
             merged._adapters, merged._active = None, None
+            merged._untie_config()
             return merged
         # merge_lora reads insert_lora's flat subgraph: undo checkpointing and fusion first.
         merged.pass_results = [
@@ -471,7 +515,18 @@ class LoraModel(PeftSurface, torch.nn.Module):
             unfuse_nf4_lora(merged.graph_module, self.spec),
             merge_lora(merged.graph_module, self.spec),
         ]
+        merged._untie_config()
         return merged
+
+    def _untie_config(self) -> None:
+        """After a merge gave a tied layer (lm_head) a weight of its own: the config says so, so
+        that save_pretrained writes both and from_pretrained does not tie them again."""
+        if not any(r.counts.get("untied") for r in self.pass_results) or self.config is None:
+            return
+        warnings.warn("merge: the LoRA-adapted output embeddings are no longer tied to the input embeddings; "
+                      "setting config.tie_word_embeddings=False (as PEFT's merge_and_unload does)")
+        for config in {id(c): c for c in (self.config, self.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
 
     def merge_and_unload(self) -> torch.nn.Module:
         """A new instance of the original model class (a transformers model: `generate`,
@@ -491,6 +546,8 @@ class LoraModel(PeftSurface, torch.nn.Module):
                 delattr(owner, STORAGE)
                 owner.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
         model = skeleton(self._blueprint, store)
+        if merged.config is not None and not merged.config.tie_word_embeddings:
+            model.config.tie_word_embeddings = model.config.get_text_config().tie_word_embeddings = False
         missing = [n for n, p in model.named_parameters() if p.stride() and 0 in p.stride() and p.numel() > 1]
         if missing:
             raise RuntimeError(f"merge_and_unload: no merged tensor for {missing[0]} ({len(missing)} parameters)")

@@ -21,6 +21,7 @@ renames leaves a `.<name>.tmp-*` folder beside it, which is safe to delete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -56,6 +57,9 @@ def save_checkpoint(directory, lm: LoraModel, optimizer: torch.optim.Optimizer, 
     """
     if not isinstance(lm, LoraModel):
         raise TypeError(f"lm must be a lorafx.LoraModel (for DDP pass ddp.module), got {type(lm).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (its state is part of the checkpoint), got "
+                        f"{type(optimizer).__name__}; to save the adapter alone use lm.save_adapter(directory)")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step={step!r} is invalid: allowed is an integer >= 0")
     directory = os.path.abspath(os.fspath(directory))
@@ -100,6 +104,9 @@ def load_checkpoint(directory, lm: LoraModel, optimizer: torch.optim.Optimizer,
     """
     if not isinstance(lm, LoraModel):
         raise TypeError(f"lm must be a lorafx.LoraModel (for DDP pass ddp.module), got {type(lm).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (its state is part of the checkpoint), got "
+                        f"{type(optimizer).__name__}; to save the adapter alone use lm.save_adapter(directory)")
     directory = _existing_checkpoint(os.path.abspath(os.fspath(directory)))
     state = _read_state(directory)
     tensors = _read_tensors(directory)
@@ -128,6 +135,7 @@ def load_checkpoint(directory, lm: LoraModel, optimizer: torch.optim.Optimizer,
             f"({[len(g) for g in names]} vs {[len(g) for g in saved_names]} parameters per group); "
             "build it over lm.trainable_parameters() as in the saved run"
         )
+    _check_moment_shapes(directory, optimizer, optimizer_state, names)
     files_for(lm.spec).load_adapter(lm, directory)  # checks config, keys and shapes before copying
     optimizer.load_state_dict(optimizer_state)
     restore_rng()
@@ -135,6 +143,35 @@ def load_checkpoint(directory, lm: LoraModel, optimizer: torch.optim.Optimizer,
 
 
 # -- optimizer state as tensors + JSON ---------------------------------------------------------
+# Per-element optimizer state (torch's Adam/AdamW/SGD/RMSprop/Adagrad/Adadelta/Adamax,
+# bitsandbytes' 8-bit state1/state2): shaped like the parameter. Other entries (step, bnb's
+# absmax and qmap) have shapes of their own.
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum",
+           "exp_inf", "state1", "state2")
+
+
+def _check_moment_shapes(directory, optimizer, optimizer_state, names) -> None:
+    """Each saved moment has its parameter's shape: else the load succeeds and the next step crashes.
+    A parameter the checkpoint's adapter file stores in another shape is left to load_adapter,
+    whose error says the checkpoint is of another model."""
+    stored = {}
+    with contextlib.suppress(OSError, safetensors.SafetensorError):
+        with safetensors.safe_open(os.path.join(directory, "adapter_model.safetensors"), "pt") as f:
+            stored = {key.removeprefix("base_model.model."): tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    params = [(n, p) for group, group_names in zip(optimizer.param_groups, names) for n, p in zip(group_names, group["params"])]
+    for index, entry in optimizer_state.get("state", {}).items():
+        name, p = params[int(index)] if 0 <= int(index) < len(params) else (None, None)
+        if p is None:
+            raise CheckpointError(f"{directory}: optimizer state for parameter index {index}; the optimizer has {len(params)}")
+        for key, value in entry.items():
+            if key in MOMENTS and isinstance(value, torch.Tensor) and value.shape != p.shape \
+                    and stored.get(name, tuple(p.shape)) == tuple(p.shape):
+                raise CheckpointError(
+                    f"{directory}: optimizer state {key!r} of {name} has shape {tuple(value.shape)}; "
+                    f"the parameter has shape {tuple(p.shape)}"
+                )
+
+
 def _param_names(lm: LoraModel, optimizer: torch.optim.Optimizer) -> list[list[str]]:
     """The LoRA names of each group's parameters: what lets a load check it has the same setup."""
     names = {id(p): name for name, p in lm.named_lora_parameters()}
@@ -275,6 +312,8 @@ def _read_state(directory: str) -> dict:
     for field, kind in (("step", int), ("optimizer", dict), ("rng", dict)):
         if not isinstance(state.get(field), kind):
             raise CheckpointError(f"{path} field {field!r} is {state.get(field)!r}; expected a {kind.__name__}")
+    if isinstance(state["step"], bool) or state["step"] < 0:
+        raise CheckpointError(f"{path} field 'step' is {state['step']!r}; expected an integer >= 0")
     return state
 
 
