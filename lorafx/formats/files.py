@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 from typing import Callable
 
 TEMP = ".tmp-"
@@ -46,8 +47,12 @@ def write_atomically(writers: dict[str, Callable[[str], None]]) -> None:
     try:
         for path, write in writers.items():
             try:
-                os.close(os.open(temps[path], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies
+                fd = os.open(temps[path], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+                mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0666 minus the umask, read without changing it
+                os.close(fd)
                 write(temps[path])
+                if stat.S_IMODE(os.stat(temps[path]).st_mode) != mode:
+                    os.chmod(temps[path], mode)  # a writer that renames its own temp file in (safetensors) gives 0600
                 _fsync(temps[path])  # on disk before the rename, so a power loss cannot expose a torn file
             except OSError as e:
                 why = f"{e.strerror or e} while writing {path}; the file on disk is unchanged"
@@ -56,7 +61,7 @@ def write_atomically(writers: dict[str, Callable[[str], None]]) -> None:
             os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             committed = True  # from here on the temp files are the save: an error leaves them for the next lock
             _fsync(folder)  # the mark is on disk before any rename, so a crash mid-way is finished later
-            _finish(folder, save)
+            _finish(folder, save, [os.path.basename(path) for path in writers])  # in the writers' order
     finally:
         if not committed:
             for tmp in temps.values():
@@ -81,7 +86,9 @@ def locked_folder(folder: str, exclusive: bool = False):
                 if not exclusive:
                     _lock(fd, fcntl.LOCK_EX)
                 for name in interrupted:
-                    _finish(folder, name[len(TEMP):-len(COMMIT)])
+                    save = name[len(TEMP):-len(COMMIT)]
+                    prefix = f"{TEMP}{save}-"
+                    _finish(folder, save, [n[len(prefix):] for n in os.listdir(folder) if n.startswith(prefix)])
                 if not exclusive:
                     _lock(fd, fcntl.LOCK_SH)
         yield
@@ -99,12 +106,12 @@ def _lock(fd: int, operation: int) -> bool:
     return True
 
 
-def _finish(folder: str, save: str) -> None:
-    """Rename the temp files of a committed save into place, then drop its mark."""
-    prefix = f"{TEMP}{save}-"
-    for name in os.listdir(folder):
-        if name.startswith(prefix):
-            os.replace(os.path.join(folder, name), os.path.join(folder, name[len(prefix):]))
+def _finish(folder: str, save: str, names: list[str]) -> None:
+    """Rename the temp files of a committed save into place (`names`, in order), then drop its mark."""
+    for name in names:
+        tmp = os.path.join(folder, f"{TEMP}{save}-{name}")
+        if os.path.exists(tmp):  # a save finished by another process's lock meanwhile has none left
+            os.replace(tmp, os.path.join(folder, name))
     _fsync(folder)
     mark = os.path.join(folder, TEMP + save + COMMIT)
     if os.path.exists(mark):
