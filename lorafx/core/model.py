@@ -299,6 +299,8 @@ class LoraModel(PeftSurface, torch.nn.Module):
             raise ValueError(f"input_ids has {ids.shape[1]} tokens; {self.model_class} takes at most "
                              f"max_position_embeddings={limit}")
         vocab = getattr(text, "vocab_size", None)
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return ids.long()  # traced (torch.compile, export): the values are not known; the eager call checks them
         low, high = (int(v) for v in torch.aminmax(ids))
         if low < 0 or (vocab is not None and high >= vocab):
             bad = low if low < 0 else high

@@ -23,8 +23,7 @@ from lorafx.formats.adapters import (
     check_base,
     in_dtype,
     peft_config,
-    read_config,
-    read_tensors,
+    read_adapter,
 )
 
 DEFAULT = "default"  # PEFT's name for the adapter a model is created with
@@ -68,13 +67,13 @@ def load_named(lm, directory, name: str) -> None:
     if lm._adapters is None and name == DEFAULT:
         raise AdapterError(f"{DEFAULT!r} is the model's own adapter; load_adapter(dir) without a name replaces it")
     directory = os.fspath(directory)
-    config = read_config(directory)
+    config, tensors = read_adapter(directory)  # one save's pair, under the folder's lock
     if config.get("use_dora"):
         raise AdapterError(f"{directory}: a DoRA adapter cannot join a bank of named adapters (plain LoRA only)")
     check_base(config, lm.spec.init, os.path.join(directory, CONFIG_NAME))
     r = config["r"]
     scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
-    pairs = _pairs(read_tensors(directory), lm.linear_sites(), r, directory)
+    pairs = _pairs(tensors, lm.linear_sites(), r, directory)
     to_bank(lm)
     gm = lm.graph_module
     banked = {path for path, _ in banks(gm)}

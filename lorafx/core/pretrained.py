@@ -20,6 +20,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from lorafx.formats.checkpoints import NF4_SUFFIXES, CheckpointError, checkpoint_index, open_shard, read_nf4
+from lorafx.formats.files import locked_folder
 from lorafx.formats.nf4 import quantize_nf4
 from lorafx.passes import TRANSFORM_PASSES, match_linears, run_passes
 from lorafx.passes.common import LINEAR
@@ -57,6 +58,11 @@ def from_pretrained(directory, spec: LoraSpec, dtype: torch.dtype | None = None,
             "model with transformers and call lorafx.transform(model, spec)"
         )
     directory = os.fspath(directory)
+    with locked_folder(directory):  # config and shards of one save, also while save_quantized rewrites the folder
+        return _load(directory, spec, dtype, progress)
+
+
+def _load(directory, spec, dtype, progress):
     config = _read_config(directory)
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None:

@@ -16,7 +16,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .files import write_atomically, write_text
+from .files import check_folder_path, locked_folder, write_atomically, write_text
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -110,14 +110,14 @@ def converted_to_lora(lm, initial_dir) -> tuple[dict[str, torch.Tensor], dict]:
         what = "LoftQ's base is NF4(W), not W" if spec.init == "loftq" else "DoRA's magnitude rescales W"
         raise AdapterError(f"cannot convert to a plain LoRA adapter: {what}, so no LoRA update reproduces it")
     initial_dir = os.fspath(initial_dir)
-    config = read_config(initial_dir)
+    config, initial = read_adapter(initial_dir)
     theirs = (config["r"], config["lora_alpha"], bool(config.get("use_rslora", False)))
     if theirs != (spec.r, spec.alpha, spec.use_rslora):
         raise AdapterError(
             f"{initial_dir} has r={theirs[0]}, lora_alpha={theirs[1]}, use_rslora={theirs[2]}; the model has "
             f"r={spec.r}, alpha={spec.alpha}, use_rslora={spec.use_rslora}: not this model's initial adapter"
         )
-    initial, trained = read_tensors(initial_dir), adapter_tensors(lm)
+    trained = adapter_tensors(lm)
     if initial.keys() != trained.keys():
         missing = sorted(set(trained) ^ set(initial))[0]
         raise AdapterError(f"{initial_dir} and the model differ in {missing!r}: not this model's initial adapter")
@@ -137,8 +137,8 @@ def converted_to_lora(lm, initial_dir) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def write_adapter(directory, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Both files of a PEFT adapter folder, atomically."""
-    directory = os.fspath(directory)
+    """Both files of a PEFT adapter folder, atomically as a pair (readers see one save's pair)."""
+    directory = check_folder_path(directory, "adapter")
     config = json.dumps(config, indent=2, sort_keys=True)
     write_atomically(
         {
@@ -294,6 +294,15 @@ def check_base(config: dict, model_init, what: str) -> None:
     )
 
 
+def read_adapter(directory, check=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """adapter_config.json (checked as read_config does) and the tensors, both of one save:
+    read under the folder's shared lock, so a concurrent save_adapter cannot mix its pair in."""
+    directory = os.fspath(directory)
+    with locked_folder(directory):
+        config = read_config(directory, check)
+        return config, read_tensors(directory)
+
+
 def read_tensors(directory: str) -> dict[str, torch.Tensor]:
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
@@ -319,7 +328,7 @@ def read_tensors(directory: str) -> dict[str, torch.Tensor]:
 def load_adapter(lm, directory) -> None:
     """A LoRA adapter folder into `lm`. Check everything first (config, key set, shapes), then copy: no partial loads."""
     directory = os.fspath(directory)
-    config = read_config(directory)
+    config, tensors = read_adapter(directory)
     spec = lm.spec
     if config["r"] != spec.r:
         raise AdapterError(f"adapter r={config['r']} but the model was transformed with r={spec.r}")
@@ -331,7 +340,7 @@ def load_adapter(lm, directory) -> None:
             f"transform with LoraSpec.from_peft_config({directory!r})"
         )
     check_base(config, spec.init, os.path.join(directory, CONFIG_NAME))
-    load_tensors(lm, read_tensors(directory))
+    load_tensors(lm, tensors)
 
 
 def load_tensors(lm, tensors: dict[str, torch.Tensor]) -> None:

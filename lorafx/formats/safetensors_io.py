@@ -51,18 +51,49 @@ class SafetensorsFile:
             header = json.loads(self._file.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsFormatError(f"{self.path}: header is not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise SafetensorsFormatError(f"{self.path}: header is a JSON {type(header).__name__}, not an object")
         header.pop("__metadata__", None)
-        data_start, data_size = 8 + length, size - 8 - length
         for key, entry in header.items():
-            start, end = entry.get("data_offsets", (-1, -1))
-            if entry.get("dtype") not in DTYPES or not 0 <= start <= end <= data_size:
-                raise SafetensorsFormatError(f"{self.path}: entry {key!r} has a bad dtype or offsets: {entry}")
-            numel = 1
-            for d in entry["shape"]:
-                numel *= d
-            if numel * DTYPES[entry["dtype"]].itemsize != end - start:
-                raise SafetensorsFormatError(f"{self.path}: entry {key!r} size does not match its shape")
-        return header, data_start
+            self._check_entry(key, entry)
+        # As the safetensors library requires: the tensors tile the data exactly, in offset order.
+        end = 0
+        for key, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+            start = entry["data_offsets"][0]
+            if start != end:
+                what = "overlaps the tensor before it" if start < end else f"leaves a gap of {start - end} bytes before it"
+                raise SafetensorsFormatError(f"{self.path}: tensor {key!r} starts at data offset {start}, which {what}")
+            end = entry["data_offsets"][1]
+        if end != size - 8 - length:
+            raise SafetensorsFormatError(
+                f"{self.path}: the tensors end at data offset {end} but the data is {size - 8 - length} bytes "
+                "(trailing bytes or a truncated file)"
+            )
+        return header, 8 + length
+
+    def _check_entry(self, key: str, entry) -> None:
+        def bad(why):
+            raise SafetensorsFormatError(f"{self.path}: tensor {key!r} {why}")
+
+        if not isinstance(entry, dict):
+            bad(f"is described by a JSON {type(entry).__name__}, not an object")
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in entry:
+                bad(f"has no {field!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            bad(f"has dtype {dtype!r}; known are {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            bad(f"has shape {shape!r}; a shape is a list of integers >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            bad(f"has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * DTYPES[dtype].itemsize != offsets[1] - offsets[0]:
+            bad(f"has shape {shape} of {dtype} ({numel * DTYPES[dtype].itemsize} bytes) but data_offsets "
+                f"{offsets} span {offsets[1] - offsets[0]} bytes")
 
     def keys(self):
         return list(self._entries)

@@ -16,7 +16,8 @@ The folder is written whole into a temp folder beside it, flushed to disk, and r
 place. The previous checkpoint is renamed to `<name>.previous` just before and deleted just
 after, so a kill at any moment leaves a complete checkpoint at `<name>` or, between the two
 renames, at `<name>.previous`, which load_checkpoint falls back to. A save killed before its
-renames leaves a `.<name>.tmp-*` folder beside it, which is safe to delete.
+renames leaves a `.<name>.tmp-*` folder beside it, which is safe to delete. A `<name>` that is
+a symlink to a folder is written through: the folder it points to is replaced, the link kept.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import sys
-import tempfile
 
 import safetensors
 import safetensors.torch
@@ -36,7 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from lorafx.core.model import LoraModel
 from lorafx.formats.checkpoints import CheckpointError
-from lorafx.formats.files import write_atomically, write_text
+from lorafx.formats.files import check_folder_path, write_atomically, write_text
 from lorafx.variants import files_for
 
 FORMAT = "lorafx.training_checkpoint"
@@ -62,7 +63,8 @@ def save_checkpoint(directory, lm: LoraModel, optimizer: torch.optim.Optimizer, 
                         f"{type(optimizer).__name__}; to save the adapter alone use lm.save_adapter(directory)")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step={step!r} is invalid: allowed is an integer >= 0")
-    directory = os.path.abspath(os.fspath(directory))
+    # A symlinked folder is written through: its target is replaced, the link stays.
+    directory = os.path.realpath(check_folder_path(directory, "checkpoint"))
     if os.path.lexists(directory) and not _replaceable(directory):
         raise FileExistsError(f"{directory} exists and is not a lorafx checkpoint folder; refusing to replace it")
     tensors: dict[str, torch.Tensor] = {}
@@ -79,7 +81,8 @@ def save_checkpoint(directory, lm: LoraModel, optimizer: torch.optim.Optimizer, 
     }
     parent, name = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    tmp = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(8)}")
+    os.mkdir(tmp)  # mode 0777 minus the umask, like any folder (mkdtemp's would be 0700)
     try:
         files_for(lm.spec).save_adapter(lm, tmp)
         write_atomically(
@@ -107,7 +110,7 @@ def load_checkpoint(directory, lm: LoraModel, optimizer: torch.optim.Optimizer,
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (its state is part of the checkpoint), got "
                         f"{type(optimizer).__name__}; to save the adapter alone use lm.save_adapter(directory)")
-    directory = _existing_checkpoint(os.path.abspath(os.fspath(directory)))
+    directory = _existing_checkpoint(os.path.realpath(os.fspath(directory)))
     state = _read_state(directory)
     tensors = _read_tensors(directory)
     if rng is not None and "generator" not in state["rng"]:

@@ -20,8 +20,8 @@ from lorafx.formats.adapters import (
     adapter_tensors,
     check_typed_config,
     load_tensors,
+    read_adapter,
     read_config,
-    read_tensors,
     write_adapter,
 )
 
@@ -141,8 +141,7 @@ def save_adapter(lm, directory) -> None:
 def load_adapter(lm, directory: str) -> None:
     """Check config, key set and shapes first, then copy. A vector of the other orientation
     ((1, in) vs (out, 1)) means the adapter's feedforward_modules differ from the model's."""
-    read_config(directory, check_config)
-    tensors = read_tensors(directory)
+    _, tensors = read_adapter(directory, check_config)
     shapes = {KEY_PREFIX + name: tuple(p.shape) for name, p in lm.named_lora_parameters()}
     side = lambda shape: "input" if shape[0] == 1 else "output"  # noqa: E731  (1, in) or (out, 1)
     for key, value in tensors.items():

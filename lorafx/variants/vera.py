@@ -24,8 +24,8 @@ from lorafx.formats.adapters import (
     adapter_tensors,
     check_typed_config,
     load_tensors,
+    read_adapter,
     read_config,
-    read_tensors,
     write_adapter,
 )
 
@@ -145,11 +145,10 @@ def save_adapter(lm, directory) -> None:
 def load_adapter(lm, directory: str) -> None:
     """Check config, projections, key set and shapes first, then copy. Saved projections are
     loaded (as PEFT does); without them the adapter must use the model's r and seed."""
-    config = read_config(directory, check_config)
+    config, tensors = read_adapter(directory, check_config)
     spec = lm.spec
     if config["r"] != spec.r:
         raise AdapterError(f"adapter r={config['r']} but the model was transformed with r={spec.r}")
-    tensors = read_tensors(directory)
     projections = {name: tensors.pop(PROJECTION_PREFIX + name, None) for name in PROJECTIONS}
     if any(p is None for p in projections.values()):
         if any(p is not None for p in projections.values()):
