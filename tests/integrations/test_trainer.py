@@ -59,7 +59,10 @@ def test_gradient_accumulation_gives_peft_trainers_adapter(tmp_path, arch):
     args = dict(gradient_accumulation_steps=2, max_steps=2)
     transformers.Trainer(model=theirs, args=arguments(tmp_path / "peft", **args), train_dataset=dataset()).train()
     transformers.Trainer(model=lm, args=arguments(tmp_path / "ours", **args), train_dataset=dataset()).train()
-    assert adapter_distance(lm, theirs) <= 1e-6
+    # Adam (lr 1e-2) turns last-bit gradient differences of near-zero entries into steps of up to
+    # ~1e-6; how many depends on the CPU's matmul kernels (0.0 on one machine, 1.4e-6 on another).
+    # A wrong label count (num_items_in_batch or loss_type ignored) is ~1e-2 away.
+    assert adapter_distance(lm, theirs) <= 1e-5
 
 
 def test_trainer_defaults_train_evaluate_checkpoint_and_resume_bit_equal(tmp_path):
