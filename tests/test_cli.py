@@ -176,7 +176,8 @@ def test_quantize_writes_a_4bit_checkpoint(checkpoint, tmp_path):
     assert "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4" in keys
     out = lorafx_cmd("quantize", tmp_path / "q", tmp_path / "again", "--blocksize", "48")
     assert_one_line_error(out, "quantize", "blocksize=48")
-    out = lorafx_cmd("quantize", tmp_path, tmp_path / "out")  # a folder, but not a checkpoint
+    (tmp_path / "plain").mkdir()
+    out = lorafx_cmd("quantize", tmp_path / "plain", tmp_path / "out")  # a folder, but not a checkpoint
     assert_one_line_error(out, "quantize", "config.json")
 
 

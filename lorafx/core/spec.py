@@ -209,7 +209,6 @@ class LoraSpec:
             raise TypeError(
                 f"from_peft_config takes a peft.LoraConfig, a dict or an adapter folder, got {type(config).__name__}"
             )
-        targets = config["target_modules"]
         init = config.get("init_lora_weights", True)
         # PEFT's False (B random too, "for debugging") has no lorafx twin; it only matters
         # for a fresh adapter, so it maps to the default init like True.
@@ -221,7 +220,7 @@ class LoraSpec:
             r=config["r"],
             alpha=config["lora_alpha"],
             dropout=config.get("lora_dropout", 0.0),
-            targets=targets if isinstance(targets, str) else sorted(targets),
+            targets=config["target_modules"],  # LoraSpec checks the type and sorts a list
             exclude=config.get("exclude_modules") or [],
             use_rslora=config.get("use_rslora", False),
             use_dora=config.get("use_dora", False),

@@ -4,6 +4,12 @@ Every command checks its arguments before it loads anything, and a problem it ca
 a missing folder, a bad number, an unknown config, a checkpoint that does not match — ends
 in one line on stderr and a non-zero exit, never a traceback: 2 for bad arguments (as
 argparse), 1 for a failure while running.
+
+No command writes onto its input: an output that is, holds or lies inside an input folder is
+refused before anything is read. A model folder is written whole beside its destination and
+renamed into place (the old model moved aside and deleted after), so OUT_DIR holds the old model
+or the new one, never a mix; a folder holding files that are not part of a model is refused
+rather than replaced, and a failed write leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 
+import safetensors
 import torch
 import transformers
 
@@ -23,7 +31,9 @@ from lorafx.core.capture import CaptureError
 from lorafx.core.model import transform
 from lorafx.core.pretrained import TOKENIZER_FILES, from_pretrained, tokenizer_of
 from lorafx.core.spec import ALL_LINEAR, LoraSpec
+from lorafx.formats.checkpoints import CheckpointError
 from lorafx.generation.export import export
+from lorafx.runtime.checkpoint import _fsync_folder, _replace_folder
 from lorafx.variants import spec_for
 
 from . import cost, demo
@@ -150,12 +160,13 @@ def run_estimate(args) -> int:
 
 def run_merge(args) -> int:
     """Base + adapter → a Hugging Face folder with the merged weights (safetensors)."""
+    check_model_folder(args.out_dir)
     _, lm = load_with_adapter(args.base_dir, args.adapter_dir)
-    os.makedirs(args.out_dir, exist_ok=True)
-    lm.merge_and_unload().save_pretrained(args.out_dir, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(args.base_dir, name)):
-            shutil.copy2(os.path.join(args.base_dir, name), args.out_dir)
+    with model_folder(args.out_dir) as tmp:
+        lm.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(args.base_dir, name)):
+                shutil.copy2(os.path.join(args.base_dir, name), tmp)
     if isinstance(lm.spec, LoraSpec):
         what = f"{len(lm.lora_paths())} LoRA layers (r={lm.spec.r}, alpha={lm.spec.alpha:g})"
     else:
@@ -174,7 +185,7 @@ def run_generate(args) -> int:
         config = transformers.AutoConfig.from_pretrained(args.model_dir)
         if getattr(config, "quantization_config", None) is not None:
             raise ValueError(f"{args.model_dir} is a quantized checkpoint: generate from the full-precision model")
-        lm = transform(model_class(config).from_pretrained(args.model_dir, use_safetensors=True), LoraSpec())
+        lm = transform(read_model(config, args.model_dir), LoraSpec())
         context = lm.disable_adapters()
     tokenizer = tokenizer_of(args.model_dir)
     if tokenizer is not None:
@@ -229,8 +240,10 @@ def run_export(args) -> int:
 def run_quantize(args) -> int:
     """A checkpoint folder → the same model as a bitsandbytes NF4 4-bit checkpoint."""
     spec = LoraSpec(quantize="nf4", blocksize=args.blocksize, double_quant=not args.no_double_quant)
+    check_model_folder(args.out_dir)
     lm = from_pretrained(args.model_dir, spec)
-    lm.save_quantized(args.out_dir)
+    with model_folder(args.out_dir) as tmp:
+        lm.save_quantized(tmp)
     size = os.path.getsize(os.path.join(args.out_dir, "model.safetensors"))
     nf4 = next(result.counts for result in lm.pass_results if result.name == "quantize_nf4")
     print(f"stored {nf4['quantized'] + nf4['loaded']} linear layers as NF4; "
@@ -240,7 +253,11 @@ def run_quantize(args) -> int:
 
 def run_diagnose(args) -> int:
     """Per adapter layer: rank, effective rank, ‖ΔW‖/‖W0‖ and intruder dimensions; optionally a heatmap."""
-    reports = diagnose(args.adapter_dir, args.base, k=args.top_k, epsilon=args.epsilon)
+    adapter_spec(args.adapter_dir)  # the config's fields checked as merge checks them
+    try:
+        reports = diagnose(args.adapter_dir, args.base, k=args.top_k, epsilon=args.epsilon)
+    except torch.linalg.LinAlgError as e:  # the SVD of a NaN/Inf update
+        raise ValueError(f"{args.adapter_dir} against {args.base}: {e}") from None
     if not reports:
         raise ValueError(f"{args.adapter_dir} holds no LoRA layers (no *.lora_A.weight tensors)")
     print(format_table(reports))
@@ -255,6 +272,63 @@ def run_diagnose(args) -> int:
 
 
 # -- shared pieces ------------------------------------------------------------------------
+# What a Hugging Face model folder holds; anything else in an output folder is the user's.
+MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def refuse_own_input(args) -> None:
+    """Refuse an output that is, holds or lies inside one of the command's input folders."""
+    for out_arg in getattr(args, "outputs", ()):
+        out = getattr(args, out_arg)
+        if out is None:
+            continue
+        real_out = os.path.realpath(out)
+        for in_arg in args.inputs:
+            given = getattr(args, in_arg)
+            real_in = os.path.realpath(given)
+            if os.path.commonpath([real_out, real_in]) in (real_out, real_in):
+                how = "is" if real_out == real_in else "is inside" if len(real_out) > len(real_in) else "holds"
+                args.parser.error(f"output {out} {how} input folder {given}: write to another folder")
+
+
+def check_model_folder(out_dir: str) -> None:
+    """An output folder may be new, empty or an earlier model: refuse to replace anything else."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    other = sorted(name for name in os.listdir(out_dir)
+                   if not (name in MODEL_FILES or name.endswith(WEIGHT_SUFFIXES)))
+    if other:
+        listed = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        raise FileExistsError(f"{out_dir} holds files that are not part of a model ({listed}); "
+                              "refusing to replace it (give a new or empty folder)")
+
+
+@contextlib.contextmanager
+def model_folder(out_dir: str):
+    """A temp folder beside `out_dir` to write the model into; it replaces `out_dir` whole
+    when the block ends without an error, and is deleted when it raises."""
+    directory = os.path.realpath(out_dir)  # a symlinked folder: replace its target, keep the link
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from other users
+        try:
+            yield tmp
+            _fsync_folder(tmp)
+        except OSError as e:  # e.g. a full disk: name the folder (the error may name a temp file or nothing)
+            raise OSError(e.errno, f"could not write {out_dir}: {e.strerror or e}") from e
+        _replace_folder(tmp, directory)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+
+
 def model_class(config):
     """The transformers class that config.json's `architectures` names (save_pretrained writes it)."""
     names = getattr(config, "architectures", None) or []
@@ -265,17 +339,34 @@ def model_class(config):
     return cls
 
 
+def read_model(config, directory: str) -> torch.nn.Module:
+    """The checkpoint's transformers model; a weights file that is not safetensors is named."""
+    try:  # use_safetensors: never unpickle a pytorch_model.bin from the user's folder
+        return model_class(config).from_pretrained(directory, use_safetensors=True)
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{directory} holds a weights file that is not valid safetensors: {e}") from e
+
+
 def load_with_adapter(base_dir: str, adapter_dir: str):
     """The full-precision base model and a LoraModel of it carrying the adapter's weights."""
     config = transformers.AutoConfig.from_pretrained(base_dir)
     if getattr(config, "quantization_config", None) is not None:
         raise ValueError(f"{base_dir} is a quantized checkpoint: merge onto the full-precision base model")
-    spec = spec_for(adapter_dir)  # LoRA, (IA)³ or VeRA, by the adapter's peft_type
-    # use_safetensors: never unpickle a pytorch_model.bin from the user's folder.
-    model = model_class(config).from_pretrained(base_dir, use_safetensors=True)
+    spec = adapter_spec(adapter_dir)
+    model = read_model(config, base_dir)
     lm = transform(model, spec)
     lm.load_adapter(adapter_dir)
     return model, lm
+
+
+def adapter_spec(adapter_dir: str):
+    """The spec of the adapter's peft_type (LoRA, (IA)³ or VeRA); a bad field's error names the folder."""
+    try:
+        return spec_for(adapter_dir)
+    except ValueError as e:
+        if adapter_dir in str(e):
+            raise
+        raise type(e)(f"{os.path.join(adapter_dir, 'adapter_config.json')}: {e}") from e
 
 
 def setup_from(args) -> cost.Setup:
@@ -362,8 +453,8 @@ def build_parser() -> Parser:
                                         "scale·B·A into the weights and save a Hugging Face folder to OUT_DIR.")
     p.add_argument("base_dir", type=existing_dir, help="full-precision Hugging Face checkpoint folder")
     p.add_argument("adapter_dir", type=existing_dir, help="adapter folder (lorafx or PEFT)")
-    p.add_argument("out_dir", help="output folder")
-    p.set_defaults(run=run_merge)
+    p.add_argument("out_dir", help="output folder (new, empty, or a model folder to replace)")
+    p.set_defaults(run=run_merge, parser=p, inputs=("base_dir", "adapter_dir"), outputs=("out_dir",))
 
     p = commands.add_parser("generate", help="continue a prompt with a model (and adapter), streaming tokens",
                             description="Load MODEL_DIR (and the adapter in --adapter), and print the continuation "
@@ -391,16 +482,16 @@ def build_parser() -> Parser:
     p.add_argument("--static", action="store_true",
                    help="fix the example's shape (needed for models with absolute position embeddings, e.g. BERT)")
     p.add_argument("--aot-inductor", action="store_true", help="write an AOTInductor package (compiles; slow)")
-    p.set_defaults(run=run_export)
+    p.set_defaults(run=run_export, parser=p, inputs=("base_dir", "adapter_dir"), outputs=("out",))
 
     p = commands.add_parser("quantize", help="store a checkpoint's linear weights as NF4 (bitsandbytes format)",
                             description="Stream MODEL_DIR's weights to NF4 and save a transformers bitsandbytes "
                                         "4-bit checkpoint to OUT_DIR; from_pretrained loads it as is.")
     p.add_argument("model_dir", type=existing_dir, help="Hugging Face causal-LM checkpoint folder")
-    p.add_argument("out_dir", help="output folder")
+    p.add_argument("out_dir", help="output folder (new, empty, or a model folder to replace)")
     p.add_argument("--blocksize", type=positive_int, default=64, help="NF4 block size (default 64)")
     p.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32")
-    p.set_defaults(run=run_quantize)
+    p.set_defaults(run=run_quantize, parser=p, inputs=("model_dir",), outputs=("out_dir",))
 
     p = commands.add_parser("diagnose", help="rank, size and intruder dimensions of each adapter layer",
                             description="For each LoRA layer of ADAPTER_DIR, against the base weights W0 read "
@@ -419,7 +510,7 @@ def build_parser() -> Parser:
     p.add_argument("--png", type=png_file, metavar="FILE",
                    help="also write a heatmap: a row per layer in table order, columns " + ", ".join(HEATMAP_COLUMNS)
                         + "; each in [0, 1], dark purple (0) to yellow (1)")
-    p.set_defaults(run=run_diagnose)
+    p.set_defaults(run=run_diagnose, parser=p, inputs=("adapter_dir", "base"), outputs=("png",))
 
     p = commands.add_parser("serve", help="an OpenAI-compatible server: one base model, many adapters, continuous batching",
                             description="Serve MODEL_DIR (and the adapters of --lora-modules) with vLLM's OpenAI "
@@ -488,6 +579,7 @@ def run_serve(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    refuse_own_input(args)
     try:
         return args.run(args)
     except USER_ERRORS as e:
