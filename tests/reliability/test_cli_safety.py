@@ -197,25 +197,24 @@ def test_diagnose_of_a_nan_adapter(work, capsys):
     tensors = safetensors.torch.load_file(nan / "adapter_model.safetensors")
     next(t for k, t in tensors.items() if "lora_A" in k)[0, 0] = float("nan")
     safetensors.torch.save_file(tensors, nan / "adapter_model.safetensors")
-    assert_refused(["diagnose", nan, "--base", work["base"]], capsys, work["root"], 1, nan, "non-finite")
+    assert_refused(["diagnose", nan, "--base", work["base"]], capsys, work["root"], 1, nan, "NaN/Inf")
 
 
 @pytest.mark.parametrize("field, value, allowed", [
     ("r", "8", "an integer >= 1"),
-    ("lora_alpha", "16", "a finite number > 0"),
-    ("target_modules", 5, "a list of non-empty strings"),
-    ("use_rslora", "yes", "True or False"),
+    ("lora_alpha", "16", "a finite number"),
+    ("target_modules", 5, "a regex string or a list of module names"),
+    ("use_rslora", "yes", "true or false"),
 ])
 def test_bad_adapter_config_types(work, capsys, field, value, allowed):
     bad = work["root"] / "bad"
     shutil.copytree(work["adapter"], bad)
     config = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**config, field: value}))
-    name = {"lora_alpha": "alpha", "target_modules": "targets"}.get(field, field)
     for argv in (["merge", work["base"], bad, work["root"] / "out"],
                  ["export", work["base"], bad, work["root"] / "out.pt2"],
                  ["diagnose", bad, "--base", work["base"]]):
-        assert_refused(argv, capsys, work["root"], 1, bad / "adapter_config.json", f"{name}={value!r}", allowed)
+        assert_refused(argv, capsys, work["root"], 1, bad / "adapter_config.json", f"{field}={value!r}", allowed)
 
 
 def test_missing_folders(work, capsys):
