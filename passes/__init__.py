@@ -10,6 +10,7 @@ from .init_lora import init_lora
 from .insert_ia3 import insert_ia3, merge_ia3, strip_ia3
 from .insert_lora import NoTargetError, insert_lora
 from .insert_vera import insert_vera, merge_vera, strip_vera
+from .loss_head import find_loss_head, loss_head, split_at_loss_head
 from .match_linears import match_linears
 from .merge_lora import merge_lora
 from .quantize_nf4 import quantize_nf4
@@ -49,6 +50,7 @@ TRANSFORM_PASSES = [
     insert_lora,  # add the LoRA branch to the layers the spec selects
     fuse_on_cuda,  # CUDA only: base + LoRA (+ dequant) → one fused op (before checkpointing: it reads the flat graph)
     checkpoint_layers,  # checkpoint="layer": each decoder layer recomputed in the backward
+    find_loss_head,  # report the row-wise output head a training call with labels runs chunked with its loss
 ]
 
 # lorafx.transform with an IA3Spec: (IA)³ instead of LoRA. merge() runs merge_ia3.
@@ -56,6 +58,7 @@ IA3_TRANSFORM_PASSES = [
     dropout_follows_mode,  # baked dropouts → modules that obey .train()/.eval()
     match_linears,  # tag linear / Conv1D nodes with their module path
     insert_ia3,  # scale the input (feedforward) or output of each selected layer by a learned vector
+    find_loss_head,  # report the row-wise output head a training call with labels runs chunked with its loss
 ]
 
 # lorafx.transform with a VeraSpec: VeRA instead of LoRA. merge() runs merge_vera.
@@ -63,6 +66,7 @@ VERA_TRANSFORM_PASSES = [
     dropout_follows_mode,  # baked dropouts → modules that obey .train()/.eval()
     match_linears,  # tag linear / Conv1D nodes with their module path
     insert_vera,  # shared frozen projections + per-layer λ_d, λ_b branch on each selected layer
+    find_loss_head,  # report the row-wise output head a training call with labels runs chunked with its loss
 ]
 
 __all__ = [
@@ -75,6 +79,7 @@ __all__ = [
     "PassResult",
     "checkpoint_layers",
     "dropout_follows_mode",
+    "find_loss_head",
     "fuse_nf4_lora",
     "fuse_on_cuda",
     "graph_nodes",
@@ -84,12 +89,14 @@ __all__ = [
     "insert_ia3",
     "insert_lora",
     "insert_vera",
+    "loss_head",
     "match_linears",
     "merge_ia3",
     "merge_lora",
     "merge_vera",
     "quantize_nf4",
     "run_passes",
+    "split_at_loss_head",
     "strip_ia3",
     "strip_vera",
     "unfuse_nf4_lora",

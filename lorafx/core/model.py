@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import os
 import warnings
@@ -12,13 +13,16 @@ from typing import Iterator
 import torch
 
 from lorafx.formats import adapters, checkpoints
+from lorafx.kernels.linear_cross_entropy import head_cross_entropy
 from lorafx.passes import (
     TRANSFORM_PASSES,
     PassResult,
     graph_nodes,
     inline_checkpointed_layers,
+    loss_head,
     merge_lora,
     run_passes,
+    split_at_loss_head,
     unfuse_nf4_lora,
 )
 from lorafx.passes.adapter_bank import strip_lora, unbank
@@ -35,6 +39,7 @@ from .peft_surface import PeftSurface
 from .spec import LoraSpec
 
 GRAPH_PREFIX = "graph_module."
+IGNORE_INDEX = -100  # transformers' ignore_index for labels
 FLASH_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
@@ -93,6 +98,17 @@ def _check_weights_present(model: torch.nn.Module, spec) -> None:
         )
 
 
+@dataclasses.dataclass
+class _LossSplit:
+    """A graph cut at its output head (passes/loss_head.py), for the chunked loss."""
+
+    body: torch.fx.GraphModule  # inputs -> (row inputs, whole inputs, output leaves without logits)
+    head: torch.fx.GraphModule  # (row chunks, whole inputs) -> logits of those rows
+    out_spec: object  # the graph's output pytree spec
+    broadcast: list[int]  # whole inputs that elementwise ops broadcast over the rows
+    vocab: int
+
+
 class LoraModel(PeftSurface, torch.nn.Module):
     """The captured model with LoRA branches: same call and output type as the original.
 
@@ -129,12 +145,16 @@ class LoraModel(PeftSurface, torch.nn.Module):
 
     # -- calling ---------------------------------------------------------------------------
     def forward(self, *args, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                adapter_ids=None, num_items_in_batch=None, **kwargs):
+                adapter_ids=None, num_items_in_batch=None, return_logits=False, **kwargs):
         """`adapter_ids`: with named adapters loaded, one entry per batch row — an adapter
         name, its index in `adapter_names`, or "__base__" / -1 for the base model.
         `num_items_in_batch` (Trainer's gradient accumulation): the label count the model's own
         loss divides by, as transformers models take it. The inputs are named so that
-        Trainer keeps those dataset columns."""
+        Trainer keeps those dataset columns.
+
+        A causal LM's training call (train mode, gradients on) with labels computes the loss a
+        chunk of tokens at a time and returns it with `logits=None` (spec.chunked_loss);
+        `return_logits=True`, eval mode or no_grad give the full logits, as the model does."""
         named = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         kwargs = {**{k: v for k, v in named.items() if v is not None}, **kwargs}
         if self.input_names is None:
@@ -146,6 +166,9 @@ class LoraModel(PeftSurface, torch.nn.Module):
                 return graph(*args, **kwargs)
         inputs = self._hf_inputs(args, kwargs)
         graph = self._graph(inputs["input_ids"].shape[0], adapter_ids, tuple(inputs))
+        split = self._loss_split(graph) if labels is not None and not return_logits and self._chunks_loss() else None
+        if split is not None:
+            return self._chunked_loss(split, inputs, labels, num_items_in_batch)
         with self._nf4_saved_as_nf4():
             out = graph(**inputs)
         if labels is not None:
@@ -154,6 +177,57 @@ class LoraModel(PeftSurface, torch.nn.Module):
             loss = self._loss(out["logits"], labels, inputs["input_ids"], num_items_in_batch)
             out = type(out)(loss=loss, **out)  # loss first, as the model itself returns it
         return out
+
+    def _chunks_loss(self) -> bool:
+        """A training call of a causal LM whose loss is transformers' ForCausalLMLoss."""
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        return (
+            getattr(self.spec, "chunked_loss", True) and self.training and torch.is_grad_enabled()
+            and self._loss_function is ForCausalLMLoss and not torch.compiler.is_compiling()
+        )
+
+    def _loss_split(self, graph) -> "_LossSplit | None":
+        """`graph` cut at its output head (passes/loss_head.py), built on first use; None, with
+        a warning the first time, where the head does not act on each token alone."""
+        key = ("loss_head", id(graph))
+        cached = self._views.get(key)
+        if cached is None or cached[0] is not graph:
+            head = loss_head(graph)
+            vocab = getattr(self.config, "vocab_size", None)
+            if not isinstance(head, str) and head.vocab != vocab:
+                head = f"the head has {head.vocab} outputs and config.vocab_size is {vocab}"
+            if isinstance(head, str):
+                warnings.warn(f"lorafx computes this loss on the full logits: {head}", stacklevel=3)
+                split = None
+            else:
+                body, head_gm = split_at_loss_head(graph, head)
+                out_spec = graph.graph._codegen.pytree_info.out_spec
+                split = _LossSplit(body, head_gm, out_spec, head.broadcast, head.vocab)
+            cached = self._views[key] = (graph, split)
+        return cached[1]
+
+    def _chunked_loss(self, split, inputs, labels, num_items_in_batch):
+        """ForCausalLMLoss (shifted labels, ignore_index -100, sum / num_items_in_batch or mean)
+        with the head run chunk by chunk over the rows that have a label."""
+        self._loss_arguments(labels, inputs["input_ids"], num_items_in_batch)  # checks labels
+        with self._nf4_saved_as_nf4():
+            rows, whole, leaves = split.body(**inputs)
+            shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # as ForCausalLMLoss
+            for x in rows:
+                if x.shape[:-1] != shifted.shape:
+                    raise RuntimeError(f"lorafx: the output head reads a {tuple(x.shape)} tensor, not one row per token")
+            for i in split.broadcast:
+                if any(n != 1 for n in whole[i].shape[:-1]):
+                    raise RuntimeError(f"lorafx: the output head broadcasts a {tuple(whole[i].shape)} tensor over the tokens")
+            shifted = shifted.reshape(-1).to(rows[0].device)
+            kept = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+            denominator = kept.numel() if num_items_in_batch is None else num_items_in_batch
+            loss = head_cross_entropy(
+                split.head, [x.reshape(-1, x.shape[-1])[kept] for x in rows], whole, shifted[kept], denominator, split.vocab
+            )
+        out = torch.utils._pytree.tree_unflatten(leaves, split.out_spec)
+        return type(out)(loss=loss, **out)
 
     def run_backbone(self, **kwargs):
         """The backbone's output (`base_model`, e.g. LlamaModel's last_hidden_state) for these
@@ -168,23 +242,29 @@ class LoraModel(PeftSurface, torch.nn.Module):
 
     def _loss(self, logits, labels, ids, num_items_in_batch=None):
         """The model's own loss function, called as the model calls it for its task."""
+        name, call = self._loss_arguments(labels, ids, num_items_in_batch)
+        return self._loss_function(labels=labels, **{name: logits}, **call)
+
+    def _loss_arguments(self, labels, ids, num_items_in_batch) -> tuple[str, dict]:
+        """The loss function's name for the logits and its other arguments; checks labels."""
         batch = ids.shape[0]
         if self.model_class.endswith("ForSequenceClassification"):  # one label (or a multi-label row) per sequence
             expected = f"({batch},) or ({batch}, num_labels={self.config.num_labels})"
-            call = dict(pooled_logits=logits, config=self.config)
+            name, call = "pooled_logits", dict(config=self.config)
             fits = isinstance(labels, torch.Tensor) and labels.shape in ((batch,), (batch, self.config.num_labels))
         elif self.model_class.endswith("ForTokenClassification"):
-            expected, call = f"{tuple(ids.shape)}, like input_ids", dict(logits=logits, config=self.config)
+            expected, name, call = f"{tuple(ids.shape)}, like input_ids", "logits", dict(config=self.config)
             fits = isinstance(labels, torch.Tensor) and labels.shape == ids.shape
         else:  # language models: next-token labels (GPT2LMHeadModel, *ForCausalLM)
-            expected, call = f"{tuple(ids.shape)}, like input_ids", dict(logits=logits, vocab_size=self.config.vocab_size)
+            expected, name = f"{tuple(ids.shape)}, like input_ids", "logits"
+            call = dict(vocab_size=self.config.vocab_size)
             fits = isinstance(labels, torch.Tensor) and labels.shape == ids.shape
         if not fits:
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"labels has shape {got}; {self.model_class} expects {expected}")
         if num_items_in_batch is not None:
             call["num_items_in_batch"] = num_items_in_batch
-        return self._loss_function(labels=labels, **call)
+        return name, call
 
     def _nf4_saved_as_nf4(self):
         """QLoRA training, eager: autograd keeps NF4 weights 4-bit (lorafx/core/nf4_memory.py)."""

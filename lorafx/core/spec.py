@@ -67,6 +67,10 @@ class LoraSpec:
         default (autocast_adapter_dtype=True); False keeps them in the layer's dtype. DoRA and
         NF4 layers keep the compute dtype either way.
     checkpoint: "layer" recomputes each decoder layer in the backward (activation checkpointing).
+    chunked_loss: a causal LM's training call with labels runs the output head and the
+        cross-entropy a chunk of tokens at a time and returns the loss without logits
+        (lorafx/kernels/linear_cross_entropy.py); False always computes the full logits.
+        A call can also ask for them: `lm(..., labels=..., return_logits=True)`.
     modules_to_save: modules trained in full (not LoRA, not NF4) and saved in the adapter, as
         PEFT's `modules_to_save` (list of module-name suffixes, or a regex). None means PEFT's
         task default: the new head of a sequence/token classifier ("classifier", "score") or
@@ -91,6 +95,7 @@ class LoraSpec:
     loftq_iter: int = 1
     modules_to_save: str | Sequence[str] | None = None
     autocast_adapter_dtype: bool = True
+    chunked_loss: bool = True
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -111,6 +116,8 @@ class LoraSpec:
             _fail("use_rslora", self.use_rslora, "True or False")
         if not isinstance(self.autocast_adapter_dtype, bool):
             _fail("autocast_adapter_dtype", self.autocast_adapter_dtype, "True or False")
+        if not isinstance(self.chunked_loss, bool):
+            _fail("chunked_loss", self.chunked_loss, "True or False")
         if not isinstance(self.use_dora, bool):
             _fail("use_dora", self.use_dora, "True or False")
         if self.init not in INITS and not (isinstance(self.init, str) and PISSA_NITER.fullmatch(self.init)):
