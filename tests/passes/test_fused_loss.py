@@ -159,6 +159,9 @@ def test_bad_labels_refused_before_any_gradient():
         lm(ids, labels=bad)
     with pytest.raises(IndexError):  # the unfused loss refuses it too (torch's message)
         lm(ids, labels=bad, return_logits=True)
+    bad[1, 4] = -5  # only -100 is ignored
+    with pytest.raises(IndexError, match="labels holds -5: allowed are"):
+        lm(ids, labels=bad)
     with pytest.raises(ValueError, match=r"labels has shape \(2, 6\); LlamaForCausalLM expects \(2, 7\)"):
         lm(ids, labels=ids[:, :6])
     assert all(p.grad is None for p in lm.trainable_parameters())
