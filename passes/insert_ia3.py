@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import LINEAR, PassResult, aten, fetch_attr, input_node, remove_tagged, weight_node, weight_value
+from .common import (
+    LINEAR, PassResult, aten, fetch_attr, input_node, remove_tagged, tied_parameters, weight_value, write_weight,
+)
 from .insert_lora import NoTargetError
 
 IA3 = "lorafx.ia3"  # node.meta on every node insert_ia3 adds: (module path, role)
@@ -87,6 +89,7 @@ def merge_ia3(gm: torch.fx.GraphModule, spec=None) -> PassResult:
     scaling multiplies the columns. Computed in float32 and cast back; Conv1D's (in, out)
     weight is written back transposed. The merged graph is the original architecture again.
     """
+    tied, untied = tied_parameters(gm), 0  # a tied lm_head gets its own merged weight (as merge_lora)
     layers: dict[str, tuple[torch.fx.Node, str]] = {}
     for node in gm.graph.nodes:
         path, role = node.meta.get(IA3, (None, None))
@@ -97,13 +100,13 @@ def merge_ia3(gm: torch.fx.GraphModule, spec=None) -> PassResult:
             vector = fetch_attr(gm, f"{path}.{VECTOR}").float()
             merged = weight_value(gm, base).float() * vector  # (out, 1) scales rows, (1, in) columns
             conv1d = base.target == aten.addmm.default
-            fetch_attr(gm, weight_node(base).target).copy_(merged.T if conv1d else merged)
             bias = base.args[0] if conv1d else (base.args[2] if len(base.args) > 2 else None)
+            untied += write_weight(gm, base, path, merged.T if conv1d else merged, tied)
             if role == "output" and isinstance(bias, torch.fx.Node):
                 b = fetch_attr(gm, bias.target)
                 b.copy_(b.float() * vector.flatten())
     result = strip_ia3(gm, spec)
-    return PassResult("merge_ia3", {"modules": len(layers), **result.counts})
+    return PassResult("merge_ia3", {"modules": len(layers), "untied": untied, **result.counts})
 
 
 def strip_ia3(gm: torch.fx.GraphModule, spec=None) -> PassResult:

@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from .common import LINEAR, PassResult, aten, fetch_attr, input_node, remove_tagged, weight_node, weight_value
+from .common import (
+    LINEAR, PassResult, aten, fetch_attr, input_node, remove_tagged, tied_parameters, weight_value, write_weight,
+)
 from .insert_lora import NoTargetError
 
 VERA = "lorafx.vera"  # node.meta on every node insert_vera adds: (module path, role)
@@ -98,6 +100,7 @@ def merge_vera(gm: torch.fx.GraphModule, spec=None) -> PassResult:
 
     Computed in float32 and cast back, transposed for Conv1D's (in, out) weight, as PEFT merges it.
     """
+    tied, untied = tied_parameters(gm), 0  # a tied lm_head gets its own merged weight (as merge_lora)
     bases: dict[str, torch.fx.Node] = {}
     for node in gm.graph.nodes:
         path, role = node.meta.get(VERA, (None, None))
@@ -112,10 +115,9 @@ def merge_vera(gm: torch.fx.GraphModule, spec=None) -> PassResult:
                 lambda_d[:, None] * projection_a[:, : site.in_features]
             )
             merged = weight_value(gm, base).float() + delta
-            weight = fetch_attr(gm, weight_node(base).target)
-            weight.copy_(merged.T if base.target == aten.addmm.default else merged)
+            untied += write_weight(gm, base, path, merged.T if base.target == aten.addmm.default else merged, tied)
     result = strip_vera(gm, spec)
-    return PassResult("merge_vera", {"modules": len(bases), **result.counts})
+    return PassResult("merge_vera", {"modules": len(bases), "untied": untied, **result.counts})
 
 
 def strip_vera(gm: torch.fx.GraphModule, spec=None) -> PassResult:

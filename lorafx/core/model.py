@@ -580,6 +580,7 @@ class LoraModel(PeftSurface, torch.nn.Module):
         variant = variant_of(self.spec)
         if variant is not None:  # (IA)³ / VeRA: their own merge pass
             merged.pass_results = [variant.merge(merged.graph_module, self.spec)]
+            merged._untie_config()
             return merged
         if self._adapters is not None:  # named adapters: merge the active one
             adapter = self._adapters[self._active]

@@ -173,3 +173,24 @@ def test_an_nf4_transform_of_a_meta_model_is_named():
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
     with pytest.raises(ValueError, match=r"on the meta device \(model.embed_tokens.weight and \d+ more\).*lorafx.from_pretrained"):
         lorafx.transform(model, lorafx.LoraSpec(r=4, alpha=8, targets=["q_proj"], quantize="nf4"))
+
+
+@pytest.mark.parametrize("variant", ["ia3", "vera"])
+def test_ia3_and_vera_merges_of_a_tied_lm_head_keep_the_embeddings(variant):
+    model = tied_model("llama")
+    spec = (lorafx.IA3Spec(targets=["lm_head", "q_proj"], feedforward=[]) if variant == "ia3"
+            else lorafx.VeraSpec(r=4, targets=["lm_head", "q_proj"]))
+    lm = lorafx.transform(model, spec)
+    with torch.no_grad():
+        for p in lm.trainable_parameters():
+            p.uniform_(0.5, 1.5)
+    x = token_batch()
+    trained = lm(x).logits.detach()
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    with pytest.warns(UserWarning, match="tie_word_embeddings=False"):
+        unloaded = lm.merge_and_unload()
+    assert unloaded.lm_head.weight is not unloaded.get_input_embeddings().weight
+    torch.testing.assert_close(unloaded.get_input_embeddings().weight, embeddings, atol=0, rtol=0)
+    torch.testing.assert_close(model.get_input_embeddings().weight, embeddings, atol=0, rtol=0)
+    torch.testing.assert_close(unloaded(x).logits, trained, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lm(x).logits, trained, atol=0, rtol=0)
