@@ -52,6 +52,7 @@ SCRIPTS = {
     "bench_checkpointing": Bench(("cpu",), ("--rounds", "1", "--steps", "1", "--layers", "2")),
     "bench_load_nf4": Bench(("cpu",), ("--layers", "2", "--hidden", "512")),
     "bench_nf4_quantize": Bench(("cpu", "cuda"), ("--small",)),
+    "bench_nf4_dequant_cpu": Bench(("cpu",), ("--small", "--rounds", "5")),
     "bench_nf4_lora_linear": Bench(("cuda",), ("--small",)),
     "bench_multi_adapter": Bench(("cpu", "cuda"), ("--small",)),
     "bench_init_error": Bench(("cpu",), ("--layers", "0")),

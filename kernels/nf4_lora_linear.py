@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .lora_matmul import NF4Operand, check_lora_args, lora_backward, lora_matmul
-from .nf4 import check_nf4_args, dequantize_nf4
+from .nf4 import check_nf4_args, dequantize_nf4, dequantize_nf4_cpu
 
 _OP = "lorafx::nf4_lora_linear"
 
@@ -42,12 +42,17 @@ def check_nf4_lora_linear_args(x, nf4_args, shape, A, B, bias, x_lora) -> None:
     check_lora_args(_OP, x, shape[0], shape[1], A, B, bias, x_lora)
 
 
+def _dequantize(packed, *args) -> Tensor:
+    """The op's plain-PyTorch dequantization: the fast CPU path on CPU (the same bits), else the reference."""
+    return (dequantize_nf4_cpu if packed.device.type == "cpu" else dequantize_nf4)(packed, *args)
+
+
 def nf4_lora_linear_reference(
     x, packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, A, B, scale,
     bias=None, x_lora=None,
 ) -> Tensor:  # fmt: skip
     """The unfused graph's arithmetic, op for op: nf4_dequant to x's dtype, linear, LoRA branch, add."""
-    w = dequantize_nf4(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, x.dtype)
+    w = _dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, x.dtype)
     y = F.linear(x, w, bias)
     if A is None:
         return y
@@ -108,7 +113,7 @@ def nf4_lora_linear_grad_input_reference(
     dy, packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, u, A, scale
 ) -> Tensor:
     """The input gradient the plain-PyTorch way (the CPU path of lorafx::nf4_lora_linear_grad_input)."""
-    w = dequantize_nf4(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dy.dtype)
+    w = _dequantize(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, shape, dy.dtype)
     dx = dy @ w
     return dx if u is None else dx + (u @ A) * scale
 

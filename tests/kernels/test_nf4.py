@@ -208,3 +208,62 @@ def test_cuda_matches_cpu_reference(dtype):
     q = quantize_nf4(torch.randn(256, 320).to(dtype))
     expected = q.dequantize()
     assert torch.equal(q.to("cuda").dequantize().cpu(), expected)
+
+
+# The fast CPU path (dequantize_nf4_cpu, the op's CPU kernel) against the reference and bitsandbytes.
+# Shapes: tiny; 768 blocks of 64 (one chunk in two multiply pieces, the second partial); 16+
+# chunks with a short last one (the threaded path); a single block of 4096.
+CPU_CASES = [((3, 96), 32), ((96, 512), 64), ((96, 512), 128), ((1, 4096), 256), ((1027, 1024), 64), ((2, 4096), 4096)]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so -0.0 vs 0.0 (or NaN payloads) would count as differences."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, blocksize", CPU_CASES)
+def test_cpu_path_has_the_reference_bits(shape, blocksize, dtype, double_quant, monkeypatch):
+    monkeypatch.setattr(K, "_thread_count", lambda chunks: 3)  # threads even where torch has 1
+    q = quantize_nf4(torch.randn(shape).to(dtype), blocksize=blocksize, double_quant=double_quant)
+    out = K.dequantize_nf4_cpu(*op_args(q))
+    ref = K.dequantize_nf4(*op_args(q))
+    assert out.shape == shape and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(bits(out), bits(ref))
+    assert torch.equal(bits(OP(*op_args(q))), bits(ref))  # the op's CPU kernel is this path
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 1024])
+def test_cpu_path_has_bitsandbytes_bits_on_its_own_state(blocksize, dtype, double_quant):
+    F = pytest.importorskip("bitsandbytes.functional")
+    # Flat (1, numel): bnb's CPU kernel indexes absmax per row on AVX-512 (FORMATS.md).
+    w = torch.randn(1, 96 * 1024 + 3 * blocksize).to(dtype)
+    packed, s = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+    nested = (s.state2.absmax, s.state2.code, s.offset.reshape(())) if double_quant else (None, None, None)
+    ours = OP(packed, s.absmax, s.code, *nested, blocksize, list(w.shape), dtype)
+    assert torch.equal(bits(ours), bits(F.dequantize_4bit(packed, s)))
+
+
+def test_cpu_path_under_inference_mode_and_in_autograd():
+    q = quantize_nf4(torch.randn(1027, 1024), blocksize=64)
+    ref = K.dequantize_nf4(*op_args(q))
+    with torch.inference_mode():
+        assert torch.equal(OP(*op_args(q)), ref)
+    x = torch.randn(3, 1024, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x, OP(*op_args(q))).square().sum().backward()
+    torch.nn.functional.linear(x_ref, ref).square().sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_cpu_path_keeps_no_dequantized_weight_alive():
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    q = quantize_nf4(torch.randn(1027, 1024).bfloat16(), blocksize=64)
+    out = OP(*op_args(q))
+    storage = StorageWeakRef(out.untyped_storage())
+    del out
+    assert storage.expired()
