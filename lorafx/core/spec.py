@@ -211,12 +211,12 @@ class LoraSpec:
             )
         targets = config["target_modules"]
         init = config.get("init_lora_weights", True)
-        # PEFT's False (B random too, "for debugging") has no lorafx twin; it only matters
-        # for a fresh adapter, so it maps to the default init like True.
-        init = "kaiming" if isinstance(init, bool) else init
+        # PEFT's False (B random too, "for debugging"), EVA, orthogonal and MiCA have no lorafx
+        # twin; they keep the base weights and only pick B·A's starting values, which a loaded
+        # adapter replaces, so they map to the default init like True. (check_config has
+        # refused the inits lorafx cannot reproduce, and LoftQ other than 4-bit.)
+        init = "kaiming" if isinstance(init, bool) or init in ("eva", "orthogonal", "mica") else init
         loftq = config.get("loftq_config") or {}
-        if init == "loftq" and loftq.get("loftq_bits", 4) != 4:
-            _fail("init", init, f"LoftQ with 4-bit NF4 only, got loftq_config.loftq_bits={loftq['loftq_bits']!r}")
         return cls(
             r=config["r"],
             alpha=config["lora_alpha"],
