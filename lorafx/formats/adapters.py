@@ -56,7 +56,7 @@ def peft_config(lm) -> dict:
         "revision": None,
         "inference_mode": False,
         "r": spec.r,
-        "target_modules": _target_modules(paths, list(sites)),
+        "target_modules": _target_modules(paths, [p for p in sites if spec.in_layers(p)]),
         "exclude_modules": None,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
@@ -65,8 +65,8 @@ def peft_config(lm) -> dict:
         "use_rslora": spec.use_rslora,
         "modules_to_save": list(spec.modules_to_save) or None,
         "init_lora_weights": spec.peft_init_lora_weights,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": list(spec.layers) if isinstance(spec.layers, tuple) else spec.layers,
+        "layers_pattern": list(spec.layers_pattern) if spec.layers_pattern else None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "megatron_config": None,
@@ -84,7 +84,8 @@ def _task_type(lm):
 
 def _target_modules(lora_paths: list[str], linear_paths: list[str]) -> list[str]:
     """PEFT matches a list entry by `key == t or key.endswith("." + t)`: write short names
-    ("q_proj") when they select exactly our LoRA layers, else the full paths."""
+    ("q_proj") when they select exactly our LoRA layers among `linear_paths` (those in the
+    spec's layers), else the full paths."""
     short = sorted({p.rsplit(".", 1)[-1] for p in lora_paths})
     selected = {p for p in linear_paths if any(p == s or p.endswith("." + s) for s in short)}
     return short if selected == set(lora_paths) else sorted(lora_paths)
@@ -211,6 +212,14 @@ def check_config(config, path: str, per_layer: bool = False) -> dict:
     for field, (valid, allowed) in CONFIG_VALUES.items():
         if field in config and not valid(config[field]):
             raise AdapterError(f"{path}: {field}={config[field]!r} is invalid: allowed is {allowed}")
+    layers, pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+    if pattern and layers is None:  # PEFT's LoraConfig refuses both of these
+        raise AdapterError(f"{path}: layers_pattern={pattern!r} needs layers_to_transform (the indices), got null")
+    if layers not in (None, []) and isinstance(config["target_modules"], str):
+        raise AdapterError(
+            f"{path}: layers_to_transform={layers!r} with a regex target_modules={config['target_modules']!r} is "
+            "invalid (PEFT refuses it too): allowed is a list of module names"
+        )
     check_implemented(config, path, per_layer)
     return config
 
@@ -220,8 +229,6 @@ def check_config(config, path: str, per_layer: bool = False) -> dict:
 UNIMPLEMENTED = {
     "bias": (("none",), "'all' / 'lora_only' train the base model's biases, saved in the adapter"),
     "lora_bias": ((False,), "it adds a trained bias to lora_B"),
-    "layers_to_transform": ((None,), "it limits LoRA to some layer indices"),
-    "layers_pattern": ((None, "", []), "it names the layer list that layers_to_transform indexes"),
     "target_parameters": ((None, []), "it puts LoRA on nn.Parameters such as MoE expert weights"),
     "trainable_token_indices": ((None, [], {}), "it trains embedding rows, saved as token_adapter deltas"),
     "layer_replication": ((None, []), "it stacks copies of the model's layers, each with its own adapter"),
@@ -258,7 +265,7 @@ READ_AS_IS = (
 # Fields lorafx implements (checked in CONFIG_VALUES and by the readers).
 IMPLEMENTED = (
     "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora", "use_dora",
-    "modules_to_save", "init_lora_weights", "loftq_config",
+    "modules_to_save", "init_lora_weights", "loftq_config", "layers_to_transform", "layers_pattern",
 )
 # init_lora_weights values lorafx reproduces: the base-keeping ones (KEEPS_BASE), PiSSA and LoftQ.
 REWRITES_BASE = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|loftq")
@@ -325,6 +332,10 @@ def _is_rank(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _is_alpha(value) -> bool:
     """A finite number within float32 (0 and negative alphas are allowed, as PEFT allows them)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
@@ -359,6 +370,11 @@ CONFIG_VALUES = {
     "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or an init name such as 'pissa'"),
     "rank_pattern": (_is_pattern(_is_rank), "null or an object of module patterns to integers >= 1"),
+    "layers_to_transform": (
+        lambda v: v is None or _is_index(v) or (isinstance(v, list) and all(_is_index(i) for i in v)),
+        "null, an integer >= 0 or a list of them",
+    ),
+    "layers_pattern": (lambda v: v is None or isinstance(v, str) or _is_names(v), "null, a regex or a list of them"),
     "alpha_pattern": (_is_pattern(_is_alpha), f"null or an object of module patterns to numbers ({ALPHA_ALLOWED})"),
 }
 

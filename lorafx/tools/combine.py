@@ -103,6 +103,11 @@ def combine_adapters(
         if all(isinstance(t, str) for t in targets)
         else sorted(set().union(*[[t] if isinstance(t, str) else t for t in targets])),
     )
+    if any(c.get("layers_to_transform") not in (None, []) for c in configs):
+        # The sources' layer filters need not agree: name the combined layers in full, which
+        # PEFT matches exactly, past any layers_to_transform.
+        paths = sorted({k[len(KEY_PREFIX) :].rsplit(".lora_", 1)[0] for k in result})
+        config.update(target_modules=paths, layers_to_transform=None, layers_pattern=None)
     out = os.fspath(out)
     write_atomically(
         {
