@@ -79,3 +79,24 @@ def test_token_type_ids_where_the_model_takes_none():
         torch.testing.assert_close(lm(ids, token_type_ids=torch.zeros_like(ids)).logits, lm(ids).logits)
     with pytest.raises(TypeError, match=r"unsupported inputs \['token_type_ids'\]"):
         lm(ids, token_type_ids=torch.ones_like(ids))
+
+
+def test_trainer_with_padding_collator_keeps_token_types_and_trains_as_peft(bert, tmp_path):
+    """Trainer keeps the dataset columns forward names; DataCollatorWithPadding pads token_type_ids."""
+    import datasets
+
+    model, theirs, tokenizer = bert
+    theirs = copy.deepcopy(theirs).train()
+    theirs.save_pretrained(tmp_path / "start")
+    ours = lorafx.LoraModel.from_pretrained(copy.deepcopy(model), tmp_path / "start", is_trainable=True).train()
+    pairs = tokenizer(["the cat sat", "a dog", "the mat", "a cat ran far"], ["on a mat", "ran far far", "sat", "the"])
+    rows = datasets.Dataset.from_dict({**pairs, "label": [0, 2, 1, 0]})
+    args = dict(per_device_train_batch_size=2, learning_rate=1e-2, max_steps=2, report_to=[], save_strategy="no",
+                seed=0, disable_tqdm=True, use_cpu=True)
+    collator = transformers.DataCollatorWithPadding(tokenizer)
+    for lm, out in ((theirs, "peft"), (ours, "ours")):
+        training = transformers.TrainingArguments(output_dir=str(tmp_path / out), **args)
+        transformers.Trainer(model=lm, args=training, train_dataset=rows, data_collator=collator).train()
+    state = peft.get_peft_model_state_dict(theirs)
+    lora = [(n, p) for n, p in ours.named_lora_parameters() if ".lora_" in n]
+    assert lora and max((p - state["base_model.model." + n]).abs().max().item() for n, p in lora) <= 1e-5
