@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -9,7 +10,20 @@ from .init_lora import LORA_INIT
 
 
 class NoTargetError(ValueError):
-    """The spec's targets select no linear layer of the model."""
+    """The spec's targets select no linear layer of the model, or a module lorafx cannot adapt."""
+
+
+# Module types PEFT puts LoRA on that lorafx does not: a target naming one must not be a silent
+# no-op (PEFT's adapter would differ). A Linear here is one whose op reads another module's
+# weight (a head tied to the embedding), so match_linears left it out.
+PEFT_ONLY = {
+    torch.nn.Embedding: "an embedding (PEFT adapts it with lora_embedding_A/B)",
+    torch.nn.Conv1d: "a convolution (PEFT's conv LoRA)",
+    torch.nn.Conv2d: "a convolution (PEFT's conv LoRA)",
+    torch.nn.Conv3d: "a convolution (PEFT's conv LoRA)",
+    torch.nn.MultiheadAttention: "nn.MultiheadAttention (PEFT adapts its in/out projections)",
+    torch.nn.Linear: "a linear layer whose op does not read its own weight (e.g. an output head tied to the embedding)",
+}
 
 
 def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
@@ -26,6 +40,8 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
     """
     sites = [n for n in gm.graph.nodes if LINEAR in n.meta]
     selected = [n for n in sites if spec.selects(n.meta[LINEAR].path)]
+    if spec.targets != "all-linear":  # which means linear layers; named targets must all be adapted
+        _refuse_unadaptable(gm, spec, {n.meta[LINEAR].path for n in sites})
     if not selected:
         names = sorted({n.meta[LINEAR].path for n in sites})
         raise NoTargetError(
@@ -44,6 +60,40 @@ def insert_lora(gm: torch.fx.GraphModule, spec) -> PassResult:
     gm.recompile()
     counts = {"linear": len(sites), "lora": len(selected), "modules": len(modules), "saved": saved}
     return PassResult("insert_lora", counts)
+
+
+def _refuse_unadaptable(gm, spec, site_paths: set[str]) -> None:
+    """Fail naming the first module the targets select that is of a type PEFT adapts and
+    lorafx does not (PEFT_ONLY), read from the graph's nn_module_stack (path, type name)."""
+    called = {}
+    for node in gm.graph.nodes:
+        for path, module_type in (node.meta.get("nn_module_stack") or {}).values():
+            called.setdefault(path, module_type)
+    for path, module_type in sorted(called.items()):
+        if path in site_paths or not spec.selects(path):
+            continue
+        cls = _class_named(module_type)
+        kind = next((why for base, why in PEFT_ONLY.items() if isinstance(cls, type) and issubclass(cls, base)), None)
+        if kind:
+            raise NoTargetError(
+                f"LoraSpec.targets={spec.targets!r} selects {path!r} ({getattr(cls, '__name__', cls)}), {kind}, "
+                "which lorafx cannot adapt: it puts LoRA on linear layers only; leave it out of targets or add it "
+                "to exclude"
+            )
+
+
+def _class_named(module_type):
+    """The class an nn_module_stack entry names ("torch.nn.modules.sparse.Embedding"), or None."""
+    if isinstance(module_type, type):
+        return module_type
+    module_name, _, qualname = str(module_type).rpartition(".")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError:  # e.g. a class defined in __main__ of another process: not one of torch's
+        return None
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _unfreeze_modules_to_save(gm, spec) -> int:

@@ -100,3 +100,27 @@ def test_bad_arguments(tmp_path, two_adapters, kw, message):
     with pytest.raises(ValueError, match=message):
         lorafx.combine_adapters(**args)
     assert not (tmp_path / "x").exists()
+
+
+def test_adapters_of_other_layers_combine_to_their_sum_peft_loads(tmp_path):
+    """layers_to_transform [0] and [1]: the result names its layers in full, so PEFT adapts both."""
+    model = tiny_model("llama")
+    ids = token_batch()
+    folders, deltas = [], []
+    for layer in (0, 1):
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[layer],
+                                 init_lora_weights=False)
+        source = peft.get_peft_model(copy.deepcopy(model), config)
+        source.save_pretrained(tmp_path / str(layer))
+        folders.append(tmp_path / str(layer))
+        with torch.no_grad():
+            deltas.append(source.eval()(input_ids=ids).logits)
+    lorafx.combine_adapters(folders, [1.0, 1.0], tmp_path / "cat", method="cat")
+    combined = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "cat").eval()
+    adapted = sorted(n for n, m in combined.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    assert [n.split(".")[4] for n in adapted] == ["0", "1"]
+    # Each source adapts another layer: both together are what lorafx gives with both loaded by name.
+    lm = lorafx.transform(copy.deepcopy(model), lorafx.LoraSpec(r=8, alpha=8, targets=["q_proj"]))
+    lm.load_adapter(tmp_path / "cat")
+    with torch.no_grad():
+        torch.testing.assert_close(combined(input_ids=ids).logits, lm.eval()(ids).logits, rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import itertools
 import os
 import warnings
@@ -144,18 +145,19 @@ class LoraModel(PeftSurface, torch.nn.Module):
                 self.original_weights.register_buffer(name.replace(".", ":"), p.detach().clone(), persistent=False)
 
     # -- calling ---------------------------------------------------------------------------
-    def forward(self, *args, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                adapter_ids=None, num_items_in_batch=None, return_logits=False, **kwargs):
+    def forward(self, *args, input_ids=None, attention_mask=None, position_ids=None, token_type_ids=None,
+                labels=None, adapter_ids=None, num_items_in_batch=None, return_logits=False, **kwargs):
         """`adapter_ids`: with named adapters loaded, one entry per batch row — an adapter
         name, its index in `adapter_names`, or "__base__" / -1 for the base model.
         `num_items_in_batch` (Trainer's gradient accumulation): the label count the model's own
         loss divides by, as transformers models take it. The inputs are named so that
-        Trainer keeps those dataset columns.
+        Trainer keeps those dataset columns (token_type_ids: BERT tokenizers' sentence pairs).
 
         A causal LM's training call (train mode, gradients on) with labels computes the loss a
         chunk of tokens at a time and returns it with `logits=None` (spec.chunked_loss);
         `return_logits=True`, eval mode or no_grad give the full logits, as the model does."""
-        named = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                 "token_type_ids": token_type_ids}
         kwargs = {**{k: v for k, v in named.items() if v is not None}, **kwargs}
         if self.input_names is None:
             if labels is not None:
@@ -339,11 +341,17 @@ class LoraModel(PeftSurface, torch.nn.Module):
             # sdpa/eager attention reads the same documents from position_ids and ignores these.
             for key in FLASH_PACKING_KWARGS:
                 kwargs.pop(key, None)
-        unknown = sorted(set(kwargs) - set(self.input_names) - {"position_ids"})
+        types = kwargs.get("token_type_ids")
+        if types is not None and not self._takes_token_types() and isinstance(types, torch.Tensor) and not types.any():
+            # All type 0 (what a tokenizer writes for single texts) says nothing to a model without
+            # segments; transformers' own models ignore them too. Other values are refused below.
+            del kwargs["token_type_ids"]
+        extra = {"position_ids"} | ({"token_type_ids"} if self._takes_token_types() else set())
+        unknown = sorted(set(kwargs) - set(self.input_names) - extra)
         if unknown:
             raise TypeError(
                 f"LoraModel got unsupported inputs {unknown}; the captured graph takes "
-                f"{list(self.input_names)} (and labels=, position_ids=)"
+                f"{list(self.input_names)} (and labels=, {', '.join(sorted(extra))}=)"
             )
         ids = kwargs.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -358,6 +366,8 @@ class LoraModel(PeftSurface, torch.nn.Module):
             if not isinstance(mask, torch.Tensor):
                 raise TypeError(f"attention_mask must be a tensor like input_ids, got {type(mask).__name__}")
             kwargs["attention_mask"] = mask.long()  # bool / int32 masks, as transformers takes them
+        if "token_type_ids" in kwargs:
+            kwargs["token_type_ids"] = self._checked_token_types(kwargs["token_type_ids"], ids)
         if "position_ids" in kwargs:
             return self._with_positions(ids, kwargs)
         if "attention_mask" in self.input_names and "attention_mask" not in kwargs:
@@ -409,7 +419,30 @@ class LoraModel(PeftSurface, torch.nn.Module):
                 )
             out["attention_mask"] = kwargs["attention_mask"]
         out["position_ids"] = positions.long().expand(ids.shape[0], -1)
+        if "token_type_ids" in kwargs:
+            out["token_type_ids"] = kwargs["token_type_ids"]
         return out
+
+    def _takes_token_types(self) -> bool:
+        """BERT-family models take token_type_ids (segment A / B of a sentence pair); a call that
+        gives them runs a graph captured with them (views.with_inputs)."""
+        return "token_type_ids" in inspect.signature(self._blueprint.forward).parameters
+
+    def _checked_token_types(self, types, ids: torch.Tensor) -> torch.Tensor:
+        """token_type_ids like input_ids, each below the model's type_vocab_size."""
+        if not isinstance(types, torch.Tensor) or types.shape != ids.shape:
+            got = tuple(types.shape) if isinstance(types, torch.Tensor) else type(types).__name__
+            raise ValueError(f"token_type_ids has shape {got}; input_ids is {tuple(ids.shape)}: give one per token")
+        if types.dtype.is_floating_point or types.dtype.is_complex or types.dtype == torch.bool:
+            raise ValueError(f"token_type_ids must hold integer segment ids, got {types.dtype}")
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return types.long()
+        count = getattr(self.config.get_text_config(), "type_vocab_size", None)
+        low, high = (int(v) for v in torch.aminmax(types))
+        if low < 0 or (count is not None and high >= count):
+            bad = low if low < 0 else high
+            raise ValueError(f"token_type_ids holds {bad}; the model has type_vocab_size={count} (0..{count - 1})")
+        return types.long()
 
     # -- parameters ------------------------------------------------------------------------
     def named_lora_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:

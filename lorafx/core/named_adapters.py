@@ -70,7 +70,7 @@ def load_named(lm, directory, name: str) -> None:
     config, tensors = read_adapter(directory)  # one save's pair, under the folder's lock
     if config.get("use_dora"):
         raise AdapterError(f"{directory}: a DoRA adapter cannot join a bank of named adapters (plain LoRA only)")
-    check_base(config, lm.spec.init, os.path.join(directory, CONFIG_NAME))
+    check_base(config, lm.spec.init, os.path.join(directory, CONFIG_NAME), lm.spec.loftq_iter)
     r = config["r"]
     scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
     pairs = _pairs(tensors, lm.linear_sites(), r, directory)

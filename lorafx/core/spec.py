@@ -46,6 +46,11 @@ class LoraSpec:
         matched against the full module path (PEFT's regex form, `re.fullmatch`).
     exclude: same forms as `targets`; None means PEFT's default: the output head when
         targets is "all-linear", nothing otherwise.
+    layers: PEFT's layers_to_transform: only layers with these indices (an int or a list of
+        ints >= 0) are adapted; the index is the first number in the module path (the first
+        one after `layers_pattern`, e.g. "layers" or "h", when that is given, a regex or a
+        list of them). As in PEFT it filters suffix targets (and "all-linear", which PEFT
+        writes out as suffixes), not a full path named in targets, and no regex targets.
     use_dora: DoRA (weight-decomposed LoRA): a trainable magnitude per output row rescales
         W0 + scale·B·A, as PEFT's use_dora.
     init: "kaiming" (PEFT default: A kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r)):
@@ -82,6 +87,8 @@ class LoraSpec:
     dropout: float = 0.0
     targets: str | Sequence[str] = ALL_LINEAR
     exclude: str | Sequence[str] | None = None
+    layers: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
     use_rslora: bool = False
     use_dora: bool = False
     init: str = "kaiming"
@@ -112,6 +119,7 @@ class LoraSpec:
         object.__setattr__(self, "targets", _check_selector("targets", self.targets))
         if self.exclude is not None:
             object.__setattr__(self, "exclude", _check_selector("exclude", self.exclude))
+        self._check_layers()
         if not isinstance(self.use_rslora, bool):
             _fail("use_rslora", self.use_rslora, "True or False")
         if not isinstance(self.autocast_adapter_dtype, bool):
@@ -154,6 +162,46 @@ class LoraSpec:
             # PiSSA and LoftQ share W's singular values between A and B as sqrt(S / scale).
             _fail("alpha", self.alpha, f"a number > 0 with init={self.init!r} (it splits W as sqrt(S / scale))")
 
+    def _check_layers(self):
+        layers, pattern = self.layers, self.layers_pattern
+        if isinstance(layers, (list, tuple)) and all(_is_layer_index(v) for v in layers):
+            layers = tuple(sorted(set(layers))) or None  # PEFT: an empty list adapts every layer
+        elif not (layers is None or _is_layer_index(layers)):
+            _fail("layers", layers, "None, an integer >= 0 or a list of them (layer indices)")
+        if layers is not None and isinstance(self.targets, str) and self.targets != ALL_LINEAR:
+            _fail("layers", self.layers, f"None with a regex targets={self.targets!r} (as PEFT: put the index in the regex)")
+        if isinstance(pattern, str):
+            pattern = (pattern,) if pattern else None
+        elif isinstance(pattern, (list, tuple)) and all(isinstance(v, str) and v for v in pattern):
+            pattern = tuple(pattern) or None
+        elif pattern is not None:
+            _fail("layers_pattern", pattern, "None, a regex or a list of regexes naming the layer list (e.g. 'layers')")
+        for regex in pattern or ():
+            try:
+                re.compile(regex)
+            except re.error as e:
+                _fail("layers_pattern", self.layers_pattern, f"valid regexes ({e})")
+        if pattern is not None and layers is None:
+            _fail("layers_pattern", self.layers_pattern, "None unless layers is given (it says where layers counts)")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "layers_pattern", pattern)
+
+    def in_layers(self, path: str) -> bool:
+        """PEFT's layers_to_transform filter (check_target_module_exists): is `path` in one of
+        spec.layers? A path named in full in targets is in, as PEFT's exact-key match skips the
+        filter (with all-linear, which PEFT expands to suffix names, a top-level linear's)."""
+        if self.layers is None or (path in self.targets if isinstance(self.targets, tuple) else "." not in path):
+            return True
+        # The first index, not a nested one (".layers.1.experts.0."): PEFT's lazy match.
+        regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in self.layers_pattern] if self.layers_pattern else [
+            r".*?\.[^.]*\.(?P<idx>\d+)\."
+        ]
+        for regex in regexes:
+            match = re.match(regex, path)
+            if match:
+                return int(match["idx"]) in (self.layers if isinstance(self.layers, tuple) else (self.layers,))
+        return False
+
     @property
     def init_from_weights(self) -> bool:
         """True when the init computes A, B from the base weights and rewrites them (PiSSA, LoftQ)."""
@@ -172,6 +220,7 @@ class LoraSpec:
         """True when the module at `path` is a target and not excluded (nor trained in full)."""
         return (
             _matches(self.targets, path)
+            and self.in_layers(path)
             and not (self.exclude and _matches(self.exclude, path))
             and not self.saves(path)
         )
@@ -217,18 +266,20 @@ class LoraSpec:
                 f"from_peft_config takes a peft.LoraConfig, a dict or an adapter folder, got {type(config).__name__}"
             )
         init = config.get("init_lora_weights", True)
-        # PEFT's False (B random too, "for debugging") has no lorafx twin; it only matters
-        # for a fresh adapter, so it maps to the default init like True.
-        init = "kaiming" if isinstance(init, bool) else init
+        # PEFT's False (B random too, "for debugging"), EVA, orthogonal and MiCA have no lorafx
+        # twin; they keep the base weights and only pick B·A's starting values, which a loaded
+        # adapter replaces, so they map to the default init like True. (check_config has
+        # refused the inits lorafx cannot reproduce, and LoftQ other than 4-bit.)
+        init = "kaiming" if isinstance(init, bool) or init in ("eva", "orthogonal", "mica") else init
         loftq = config.get("loftq_config") or {}
-        if init == "loftq" and loftq.get("loftq_bits", 4) != 4:
-            _fail("init", init, f"LoftQ with 4-bit NF4 only, got loftq_config.loftq_bits={loftq['loftq_bits']!r}")
         return cls(
             r=config["r"],
             alpha=config["lora_alpha"],
             dropout=config.get("lora_dropout", 0.0),
             targets=config["target_modules"],  # LoraSpec checks the type and sorts a list
             exclude=config.get("exclude_modules") or [],
+            layers=config.get("layers_to_transform"),
+            layers_pattern=config.get("layers_pattern"),
             use_rslora=config.get("use_rslora", False),
             use_dora=config.get("use_dora", False),
             init=init,
@@ -247,6 +298,10 @@ def dtype_named(value, field: str = "dtype") -> torch.dtype:
         allowed = ", ".join(f"{name!r}" for name in DTYPE_NAMES)
         raise ValueError(f"{field}={value!r} is invalid: allowed is a torch floating dtype or one of {allowed}")
     return value
+
+
+def _is_layer_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_selector(field: str, value):

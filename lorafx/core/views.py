@@ -70,6 +70,7 @@ def _example(lm, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     device = device_of(lm.graph_module)
     ids = torch.randint(0, lm.config.get_text_config().vocab_size or 2, (2, 8), device=device)
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(8, device=device).expand(2, 8)}
+    example["token_type_ids"] = torch.zeros_like(ids)  # type 0 exists in every BERT-family model
     return {name: example[name] for name in names}
 
 

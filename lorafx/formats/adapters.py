@@ -40,7 +40,7 @@ class AdapterError(ValueError):
 ALPHA_LIMIT = torch.finfo(torch.float32).max
 # init_lora_weights values whose adapter sits on the base weights as they are; every other
 # init (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ, ...) trained on a base it rewrote.
-KEEPS_BASE = (True, False, "kaiming", "gaussian", "eva", "orthogonal")
+KEEPS_BASE = (True, False, "kaiming", "gaussian", "eva", "orthogonal", "mica")
 
 
 def peft_config(lm) -> dict:
@@ -56,7 +56,7 @@ def peft_config(lm) -> dict:
         "revision": None,
         "inference_mode": False,
         "r": spec.r,
-        "target_modules": _target_modules(paths, list(sites)),
+        "target_modules": _target_modules(paths, [p for p in sites if spec.in_layers(p)]),
         "exclude_modules": None,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
@@ -65,8 +65,8 @@ def peft_config(lm) -> dict:
         "use_rslora": spec.use_rslora,
         "modules_to_save": list(spec.modules_to_save) or None,
         "init_lora_weights": spec.peft_init_lora_weights,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": list(spec.layers) if isinstance(spec.layers, tuple) else spec.layers,
+        "layers_pattern": list(spec.layers_pattern) if spec.layers_pattern else None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "megatron_config": None,
@@ -84,7 +84,8 @@ def _task_type(lm):
 
 def _target_modules(lora_paths: list[str], linear_paths: list[str]) -> list[str]:
     """PEFT matches a list entry by `key == t or key.endswith("." + t)`: write short names
-    ("q_proj") when they select exactly our LoRA layers, else the full paths."""
+    ("q_proj") when they select exactly our LoRA layers among `linear_paths` (those in the
+    spec's layers), else the full paths."""
     short = sorted({p.rsplit(".", 1)[-1] for p in lora_paths})
     selected = {p for p in linear_paths if any(p == s or p.endswith("." + s) for s in short)}
     return short if selected == set(lora_paths) else sorted(lora_paths)
@@ -191,8 +192,10 @@ def check_typed_config(config, path: str, peft_type: str, model: str, fields: tu
     return config
 
 
-def check_config(config, path: str) -> dict:
-    """The fields lorafx reads from a PEFT LoraConfig dict are present and supported."""
+def check_config(config, path: str, per_layer: bool = False) -> dict:
+    """The fields lorafx reads from a PEFT LoraConfig dict are present and supported, and no
+    field lorafx does not implement holds a value that changes what the adapter computes.
+    `per_layer`: the reader applies rank_pattern / alpha_pattern per layer (combine, diagnose)."""
     if not isinstance(config, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
@@ -209,11 +212,128 @@ def check_config(config, path: str) -> dict:
     for field, (valid, allowed) in CONFIG_VALUES.items():
         if field in config and not valid(config[field]):
             raise AdapterError(f"{path}: {field}={config[field]!r} is invalid: allowed is {allowed}")
+    layers, pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+    if pattern and layers is None:  # PEFT's LoraConfig refuses both of these
+        raise AdapterError(f"{path}: layers_pattern={pattern!r} needs layers_to_transform (the indices), got null")
+    if layers not in (None, []) and isinstance(config["target_modules"], str):
+        raise AdapterError(
+            f"{path}: layers_to_transform={layers!r} with a regex target_modules={config['target_modules']!r} is "
+            "invalid (PEFT refuses it too): allowed is a list of module names"
+        )
+    check_implemented(config, path, per_layer)
     return config
+
+
+# LoraConfig fields (PEFT 0.21) lorafx does not implement and that change what a loaded adapter
+# computes: the values meaning "off" (PEFT's default; what lorafx computes) and what the field does.
+UNIMPLEMENTED = {
+    "bias": (("none",), "'all' / 'lora_only' train the base model's biases, saved in the adapter"),
+    "lora_bias": ((False,), "it adds a trained bias to lora_B"),
+    "target_parameters": ((None, []), "it puts LoRA on nn.Parameters such as MoE expert weights"),
+    "trainable_token_indices": ((None, [], {}), "it trains embedding rows, saved as token_adapter deltas"),
+    "layer_replication": ((None, []), "it stacks copies of the model's layers, each with its own adapter"),
+    "megatron_config": ((None, {}), "it adapts Megatron's parallel linear layers"),
+    "use_qalora": ((False,), "QA-LoRA pools the input of lora_A in groups"),
+    "alora_invocation_tokens": ((None,), "aLoRA applies the adapter only from its invocation tokens on"),
+    "monteclora_config": ((None,), "MonteCLoRA samples the adapter weights"),
+    "kasa_config": ((None,), "KaSA truncates the base weight's SVD and scales B·A by trained singular values"),
+    "use_bdlora": ((None,), "BD-LoRA makes lora_A or lora_B block-diagonal"),
+    "arrow_config": ((None,), "Arrow routes each token among several adapters"),
+}
+# Applied per layer by combine and diagnose; a model's adapter has one r and one alpha.
+PER_LAYER = {
+    "rank_pattern": ((None, {}), "it gives some layers another r"),
+    "alpha_pattern": ((None, {}), "it gives some layers another lora_alpha"),
+}
+# Fields that never change what a loaded adapter computes, so any value is accepted:
+READ_AS_IS = (
+    # what the adapter is and where it came from
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    # PEFT sets it from the layer type (False on nn.Linear, True on GPT-2's Conv1D), whatever it says
+    "fan_in_fan_out",
+    # read only with megatron_config / use_qalora, which are checked above
+    "megatron_core", "qalora_group_size",
+    # inputs to an init (EVA, CorDA, LoRA-GA): init_lora_weights says whether the base was rewritten
+    "eva_config", "corda_config", "lora_ga_config",
+    # VeLoRA changes only lora_A's backward (compressed activations); read_adapter drops its buffers
+    "velora_config",
+    # runtime settings, which PEFT does not save
+    "runtime_config",
+    # ties adapters on tied embedding / head layers: checked with the targets below
+    "ensure_weight_tying",
+)
+# Fields lorafx implements (checked in CONFIG_VALUES and by the readers).
+IMPLEMENTED = (
+    "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora", "use_dora",
+    "modules_to_save", "init_lora_weights", "loftq_config", "layers_to_transform", "layers_pattern",
+)
+# init_lora_weights values lorafx reproduces: the base-keeping ones (KEEPS_BASE), PiSSA and LoftQ.
+REWRITES_BASE = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|loftq")
+# PEFT's EMBEDDING_LAYER_NAMES: ensure_weight_tying acts only when one of these is adapted or saved.
+TIED_NAMES = ("embed_tokens", "lm_head")
+
+
+def check_implemented(config: dict, path: str, per_layer: bool = False) -> None:
+    """Refuse, naming the field, a LoraConfig field lorafx does not implement set to a value that
+    changes the adapter's outputs (a third answer is worse than none)."""
+    refused = {**UNIMPLEMENTED, **({} if per_layer else PER_LAYER)}
+    for field, (off, what) in refused.items():
+        value = config.get(field, off[0])
+        if not any(value == v and type(value) is type(v) for v in off):
+            allowed = " or ".join(json.dumps(v) for v in off)
+            raise AdapterError(f"{path}: {field}={value!r} is not supported by lorafx ({what}); allowed is {allowed}")
+    for field, value in config.items():
+        if field not in UNIMPLEMENTED and field not in PER_LAYER and field not in READ_AS_IS + IMPLEMENTED and value:
+            raise AdapterError(
+                f"{path}: {field}={value!r} is not a LoraConfig field lorafx knows (a newer PEFT's?), and it is "
+                "set, so it may change what the adapter computes; allowed is null, false or empty"
+            )
+    init = config.get("init_lora_weights", True)
+    if init not in KEEPS_BASE and not (isinstance(init, str) and REWRITES_BASE.fullmatch(init)):
+        raise AdapterError(
+            f"{path}: init_lora_weights={init!r} is not supported by lorafx (the adapter was trained on a base that "
+            "init rewrote, which lorafx cannot rebuild); allowed is true, false, 'gaussian', 'eva', 'orthogonal', "
+            "'mica', 'pissa', 'pissa_niter_N' or 'loftq'. Save it converted to a plain LoRA adapter with PEFT's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+        )
+    bits = (config.get("loftq_config") or {}).get("loftq_bits", 4)
+    if init == "loftq" and bits != 4:
+        raise AdapterError(
+            f"{path}: loftq_config.loftq_bits={bits!r} is not supported by lorafx (its LoftQ base is 4-bit NF4); "
+            "allowed is 4"
+        )
+    if config.get("ensure_weight_tying") and _names_tied_layer(config):
+        raise AdapterError(
+            f"{path}: ensure_weight_tying=True with {', '.join(TIED_NAMES)} adapted or in modules_to_save is not "
+            "supported by lorafx (PEFT then ties the adapter of the output head to the input embedding's); "
+            "allowed is false"
+        )
+
+
+def _names_tied_layer(config: dict) -> bool:
+    """PEFT's _check_tied_modules: is embed_tokens / lm_head in modules_to_save or target_modules?"""
+    saved = config.get("modules_to_save") or []
+    targets = config["target_modules"]
+    if isinstance(saved, str):
+        saved = [saved]
+    if isinstance(targets, str):
+        in_targets = any(re.fullmatch(targets, name) for name in TIED_NAMES)
+    else:
+        in_targets = any(t.split(".")[-1] in TIED_NAMES for t in targets)
+    return in_targets or any(m.split(".")[-1] in TIED_NAMES for m in saved)
+
+
+def check_per_layer_config(config, path: str) -> dict:
+    """check_config for readers that apply rank_pattern / alpha_pattern per layer."""
+    return check_config(config, path, per_layer=True)
 
 
 def _is_rank(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_alpha(value) -> bool:
@@ -250,6 +370,11 @@ CONFIG_VALUES = {
     "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or an init name such as 'pissa'"),
     "rank_pattern": (_is_pattern(_is_rank), "null or an object of module patterns to integers >= 1"),
+    "layers_to_transform": (
+        lambda v: v is None or _is_index(v) or (isinstance(v, list) and all(_is_index(i) for i in v)),
+        "null, an integer >= 0 or a list of them",
+    ),
+    "layers_pattern": (lambda v: v is None or isinstance(v, str) or _is_names(v), "null, a regex or a list of them"),
     "alpha_pattern": (_is_pattern(_is_alpha), f"null or an object of module patterns to numbers ({ALPHA_ALLOWED})"),
 }
 
@@ -271,11 +396,19 @@ def layer_scale(config: dict, path: str, r: int) -> float:
     return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-def check_base(config: dict, model_init, what: str) -> None:
+def check_base(config: dict, model_init, what: str, loftq_iter: int = 1) -> None:
     """Refuse an adapter trained on a base its init rewrote (PiSSA, OLoRA, ...) unless the model's
     base was rewritten the same way, and the other way round. PEFT's from_pretrained re-runs the
-    adapter's init on the base; load_adapter cannot, the model's base is already in place."""
+    adapter's init on the base; load_adapter cannot, the model's base is already in place.
+    `loftq_iter`: the model's LoftQ rounds (each round changes the NF4 base)."""
     init = config.get("init_lora_weights", True)
+    if init == "loftq" and model_init == "loftq":
+        theirs = (config.get("loftq_config") or {}).get("loftq_iter", 1)
+        if theirs != loftq_iter:
+            raise AdapterError(
+                f"{what}: loftq_config.loftq_iter={theirs!r}, but this model was transformed with "
+                f"loftq_iter={loftq_iter}: its NF4 base is another one; transform with LoraSpec.from_peft_config(folder)"
+            )
     if init == (True if model_init == "kaiming" else model_init) or (init in KEEPS_BASE and model_init in KEEPS_BASE):
         return
     if init in KEEPS_BASE:
@@ -300,7 +433,11 @@ def read_adapter(directory, check=None) -> tuple[dict, dict[str, torch.Tensor]]:
     directory = os.fspath(directory)
     with locked_folder(directory):
         config = read_config(directory, check)
-        return config, read_tensors(directory)
+        tensors = read_tensors(directory)
+    if config.get("velora_config"):
+        # VeLoRA's projection buffers serve only its backward; the forward is plain LoRA's.
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
+    return config, tensors
 
 
 def read_tensors(directory: str) -> dict[str, torch.Tensor]:
@@ -339,7 +476,7 @@ def load_adapter(lm, directory) -> None:
             f"alpha={spec.alpha}, use_rslora={spec.use_rslora}, use_dora={spec.use_dora}; "
             f"transform with LoraSpec.from_peft_config({directory!r})"
         )
-    check_base(config, spec.init, os.path.join(directory, CONFIG_NAME))
+    check_base(config, spec.init, os.path.join(directory, CONFIG_NAME), spec.loftq_iter)
     load_tensors(lm, tensors)
 
 

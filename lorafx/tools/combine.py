@@ -23,7 +23,14 @@ import os
 import safetensors.torch
 import torch
 
-from lorafx.formats.adapters import KEY_PREFIX, AdapterError, layer_scale, pattern_value, read_adapter
+from lorafx.formats.adapters import (
+    KEY_PREFIX,
+    AdapterError,
+    check_per_layer_config,
+    layer_scale,
+    pattern_value,
+    read_adapter,
+)
 from lorafx.formats.files import write_atomically, write_text
 
 SEPARATE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -64,7 +71,8 @@ def combine_adapters(
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise ValueError(f"svd_rank={svd_rank!r} is invalid: allowed is None (the largest r) or an integer >= 1")
     folders = [os.fspath(a) for a in adapters]
-    pairs = [read_adapter(folder) for folder in folders]  # each folder's config and tensors of one save
+    # each folder's config and tensors of one save; rank_pattern / alpha_pattern are applied per layer
+    pairs = [read_adapter(folder, check_per_layer_config) for folder in folders]
     configs = [_combinable(config, folder) for folder, (config, _) in zip(folders, pairs)]
     layers = [_layers(tensors, config, folder) for folder, config, (_, tensors) in zip(folders, configs, pairs)]
     # As PEFT: an adapter's rank is its largest (r or a rank_pattern value); zero rows pad the rest.
@@ -95,6 +103,11 @@ def combine_adapters(
         if all(isinstance(t, str) for t in targets)
         else sorted(set().union(*[[t] if isinstance(t, str) else t for t in targets])),
     )
+    if any(c.get("layers_to_transform") not in (None, []) for c in configs):
+        # The sources' layer filters need not agree: name the combined layers in full, which
+        # PEFT matches exactly, past any layers_to_transform.
+        paths = sorted({k[len(KEY_PREFIX) :].rsplit(".lora_", 1)[0] for k in result})
+        config.update(target_modules=paths, layers_to_transform=None, layers_pattern=None)
     out = os.fspath(out)
     write_atomically(
         {

@@ -15,7 +15,7 @@ import zlib
 
 import torch
 
-from lorafx.formats.adapters import KEY_PREFIX, AdapterError, layer_scale, read_adapter
+from lorafx.formats.adapters import KEY_PREFIX, AdapterError, check_per_layer_config, layer_scale, read_adapter
 from lorafx.formats.checkpoints import checkpoint_index, open_shard  # the reader from_pretrained uses
 from lorafx.formats.files import write_atomically
 
@@ -36,7 +36,7 @@ def diagnose(adapter_dir, base, k: int = 10, epsilon: float = 0.5) -> list[Layer
     folder (only the adapted weights are read), an nn.Module, or a dict module path → W0."""
     if not (isinstance(k, int) and k >= 1) or not 0 < epsilon < 1:
         raise ValueError(f"need k >= 1 and 0 < epsilon < 1, got k={k!r}, epsilon={epsilon!r}")
-    config, tensors = read_adapter(adapter_dir)
+    config, tensors = read_adapter(adapter_dir, check_per_layer_config)
     paths = [t[len(KEY_PREFIX) : -len(".lora_A.weight")] for t in tensors if t.endswith(".lora_A.weight")]
     base_weights = _base_weights(base, paths)
     where = os.fspath(base) if isinstance(base, (str, os.PathLike)) else "the base"

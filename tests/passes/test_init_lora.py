@@ -201,7 +201,7 @@ def test_from_peft_config_reads_false_and_loftq_config():
     assert (spec.init, spec.loftq_iter, spec.quantize) == ("loftq", 3, "nf4")
     with pytest.raises(ValueError, match="loftq_bits=8"):
         lorafx.LoraSpec.from_peft_config({**base, "init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 8}})
-    with pytest.raises(ValueError, match="LoraSpec.init='olora'"):
+    with pytest.raises(ValueError, match="init_lora_weights='olora' is not supported"):
         lorafx.LoraSpec.from_peft_config({**base, "init_lora_weights": "olora"})
 
 

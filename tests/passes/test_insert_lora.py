@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -44,3 +45,47 @@ def test_no_match_error_lists_existing_layers():
         assert "transformer.h.0.attn.c_attn" in str(e) and "LoraSpec.targets=('q_proj',)" in str(e)
     else:
         raise AssertionError("expected NoTargetError")
+
+
+class Mixed(torch.nn.Module):
+    """One module of each type PEFT adapts and lorafx does not, and a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 8)
+        self.conv = torch.nn.Conv1d(8, 8, 1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 1)
+        self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.conv(self.emb(x).transpose(1, 2))
+        h = self.conv2(h.unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        return self.fc(self.mha(h, h, h)[0])
+
+
+@pytest.mark.parametrize(
+    "targets, named, kind",
+    [
+        (["emb", "fc"], "emb", "an embedding"),
+        (["conv", "fc"], "conv", "a convolution"),
+        (["conv2", "fc"], "conv2", "a convolution"),
+        (["mha", "fc"], "mha", "nn.MultiheadAttention"),
+        (r"(conv|fc)", "conv", "a convolution"),
+        (["emb"], "emb", "an embedding"),  # alone: the same reason, not "matches no linear layer"
+    ],
+)
+def test_listed_target_lorafx_cannot_adapt_is_named_not_dropped(targets, named, kind):
+    x = torch.randint(0, 10, (2, 5))
+    with pytest.raises(NoTargetError, match=rf"selects '{named}' \(\w+\), {kind}.*cannot adapt"):
+        lorafx.transform(Mixed(), lorafx.LoraSpec(targets=targets), example_args=(x,))
+    # Left out by exclude, or by all-linear (PEFT's all-linear adapts linear layers only): fc alone.
+    others = ["emb", "conv", "conv2", "mha"]
+    lm = lorafx.transform(Mixed(), lorafx.LoraSpec(targets=["fc", named], exclude=others), example_args=(x,))
+    assert lm.lora_paths() == ["fc"]
+    assert lorafx.transform(Mixed(), lorafx.LoraSpec(), example_args=(x,)).lora_paths() == ["fc"]
+
+
+def test_listed_embedding_of_a_hf_model_is_named():
+    with pytest.raises(NoTargetError, match=r"selects 'model.embed_tokens' \(Embedding\), an embedding"):
+        lorafx.transform(tiny_model("llama"), lorafx.LoraSpec(targets=["embed_tokens", "q_proj"]))
