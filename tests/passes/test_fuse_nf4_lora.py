@@ -26,7 +26,7 @@ def logits_and_lora_grads(lm, ids):
     lm.train()
     lm.zero_grad()
     torch.manual_seed(0)
-    out = lm(ids, labels=ids)
+    out = lm(ids, labels=ids, return_logits=True)  # a training call's default loss is chunked, without logits
     out.loss.backward()
     return out.logits.detach(), {name: p.grad.clone() for name, p in lm.named_lora_parameters()}
 
