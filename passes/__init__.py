@@ -1,6 +1,7 @@
 """Graph passes. Each is `pass(gm, spec) -> PassResult`; TRANSFORM_PASSES is the whole story
 of `lorafx.transform`, read top to bottom."""
 
+from .accumulate_lora import accumulate_lora
 from .adapter_bank import inline_multi_lora
 from .checkpoint_layers import checkpoint_layers, graph_nodes, inline_checkpointed_layers
 from .common import PassResult
@@ -66,6 +67,7 @@ VERA_TRANSFORM_PASSES = [
 ]
 
 __all__ = [
+    "accumulate_lora",
     "CPU_COMPILE_PASSES",
     "FUSE_PASSES",
     "TRANSFORM_PASSES",

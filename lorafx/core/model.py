@@ -15,6 +15,7 @@ from lorafx.formats import adapters, checkpoints
 from lorafx.passes import (
     TRANSFORM_PASSES,
     PassResult,
+    accumulate_lora,
     graph_nodes,
     inline_checkpointed_layers,
     merge_lora,
@@ -203,6 +204,9 @@ class LoraModel(PeftSurface, torch.nn.Module):
             graph = self.entry_point(key, lambda: views.with_inputs(self, inputs, self._disabled))
         elif self._disabled:
             return self._base_graph()
+        elif not torch.is_grad_enabled() and self._adapters is None and adapter_ids is None \
+                and not torch.compiler.is_compiling():  # Dynamo traces graph_module (see _no_grad_graph)
+            return self._no_grad_graph()
         else:
             graph = self.graph_module
         if not self._disabled and (self._adapters is not None or adapter_ids is not None):
@@ -238,6 +242,21 @@ class LoraModel(PeftSurface, torch.nn.Module):
             return view
 
         return self.entry_point("base", build)
+
+    def _no_grad_graph(self) -> torch.fx.GraphModule:
+        """The graph for calls with autograd off: graph_module's copy (sharing every parameter and
+        buffer) with each plain LoRA branch summed into its base output by one addmm
+        (passes/accumulate_lora.py); graph_module itself where no branch qualifies. Eager calls
+        only: built while Dynamo traces, the copy would break the graph, and a view that
+        appears later would change what Dynamo guarded on and recompile."""
+
+        def build():
+            shared = {id(t): t for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers())}
+            view = _deepcopy(self.graph_module, shared)
+            inline_checkpointed_layers(view)  # no backward to recompute for
+            return view if accumulate_lora(view).counts["rewritten"] else self.graph_module
+
+        return self.entry_point("no_grad", build)
 
     def _apply(self, fn, *args, **kwargs):
         self.forget_views()
