@@ -1,7 +1,6 @@
 """Graph passes. Each is `pass(gm, spec) -> PassResult`; TRANSFORM_PASSES is the whole story
 of `lorafx.transform`, read top to bottom."""
 
-from .accumulate_lora import accumulate_lora
 from .adapter_bank import inline_multi_lora
 from .checkpoint_layers import checkpoint_layers, graph_nodes, inline_checkpointed_layers
 from .common import PassResult
@@ -13,6 +12,7 @@ from .insert_lora import NoTargetError, insert_lora
 from .insert_vera import insert_vera, merge_vera, strip_vera
 from .match_linears import match_linears
 from .merge_lora import merge_lora
+from .no_grad_lora import no_grad_lora
 from .quantize_nf4 import quantize_nf4
 
 # Fusion: one lorafx op per layer. transform runs it on CUDA (fuse_on_cuda); the compile
@@ -67,7 +67,6 @@ VERA_TRANSFORM_PASSES = [
 ]
 
 __all__ = [
-    "accumulate_lora",
     "CPU_COMPILE_PASSES",
     "FUSE_PASSES",
     "TRANSFORM_PASSES",
@@ -90,6 +89,7 @@ __all__ = [
     "merge_ia3",
     "merge_lora",
     "merge_vera",
+    "no_grad_lora",
     "quantize_nf4",
     "run_passes",
     "strip_ia3",

@@ -15,10 +15,10 @@ from lorafx.formats import adapters, checkpoints
 from lorafx.passes import (
     TRANSFORM_PASSES,
     PassResult,
-    accumulate_lora,
     graph_nodes,
     inline_checkpointed_layers,
     merge_lora,
+    no_grad_lora,
     run_passes,
     unfuse_nf4_lora,
 )
@@ -36,6 +36,10 @@ from .peft_surface import PeftSurface
 from .spec import LoraSpec
 
 GRAPH_PREFIX = "graph_module."
+# Folded weights no-grad calls keep by default (LoraModel.merged_weights_budget): a merged copy of
+# every adapted layer for models up to ~1 GiB of adapted fp32 weights (e.g. a 4-layer hidden-1024
+# Llama, 0.19 GiB), a bounded extra on larger ones, whose other layers take the addmm path.
+MERGED_WEIGHTS_BUDGET = 1 << 30
 FLASH_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
@@ -245,18 +249,35 @@ class LoraModel(PeftSurface, torch.nn.Module):
 
     def _no_grad_graph(self) -> torch.fx.GraphModule:
         """The graph for calls with autograd off: graph_module's copy (sharing every parameter and
-        buffer) with each plain LoRA branch summed into its base output by one addmm
-        (passes/accumulate_lora.py); graph_module itself where no branch qualifies. Eager calls
-        only: built while Dynamo traces, the copy would break the graph, and a view that
-        appears later would change what Dynamo guarded on and recompile."""
+        buffer) whose plain LoRA layers run folded (W + scale·B·A, kept while W, A, B are
+        unchanged, within merged_weights_budget) or with the branch summed into the base output
+        by one addmm (passes/no_grad_lora.py); graph_module itself where no layer qualifies.
+        Eager calls only: built while Dynamo traces, the copy would break the graph, and a view
+        that appears later would change what Dynamo guarded on and recompile."""
 
         def build():
             shared = {id(t): t for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers())}
             view = _deepcopy(self.graph_module, shared)
             inline_checkpointed_layers(view)  # no backward to recompute for
-            return view if accumulate_lora(view).counts["rewritten"] else self.graph_module
+            if not no_grad_lora(view).counts["rewritten"]:
+                return self.graph_module
+            view.merged_weights.limit = self.merged_weights_budget
+            return view
 
         return self.entry_point("no_grad", build)
+
+    @property
+    def merged_weights_budget(self) -> int | None:
+        """Bytes that no-grad calls may hold in folded weights W + scale·B·A (each the size of its
+        layer's W; None: no limit, 0: never fold). Setting it frees the folded weights held."""
+        return self.__dict__.get("_merged_weights_budget", MERGED_WEIGHTS_BUDGET)
+
+    @merged_weights_budget.setter
+    def merged_weights_budget(self, nbytes: int | None) -> None:
+        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
+            raise ValueError(f"merged_weights_budget={nbytes!r} is invalid: allowed is a byte count >= 0, or None (no limit)")
+        self.__dict__["_merged_weights_budget"] = nbytes
+        self._views.pop("no_grad", None)
 
     def _apply(self, fn, *args, **kwargs):
         self.forget_views()

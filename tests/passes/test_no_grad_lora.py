@@ -1,7 +1,8 @@
-"""accumulate_lora: the no-grad graph sums each plain LoRA branch into its base output with one
-addmm. Logits equal PEFT's, training (grad-enabled) calls keep insert_lora's graph and PEFT's
-gradients, the layers where the formulation differs are left alone, and the no-grad graph sees
-every change to the store (optimizer step, load_adapter, set_adapter, merge, .to)."""
+"""no_grad_lora: no-grad calls run each plain LoRA layer folded (W + scale·B·A, kept while W, A, B
+are unchanged) or with the branch summed into the base output by one addmm. Logits equal PEFT's
+either way, grad-enabled calls keep insert_lora's graph and PEFT's gradients, the layers where
+the formulation differs are left alone, and the folded weights follow every change to the store
+(optimizer step, load_adapter, set_adapter, merge, .to) and the memory budget."""
 
 import copy
 import itertools
@@ -13,10 +14,10 @@ from conftest import tiny_model, token_batch
 
 import lorafx
 from lorafx.core.model import _deepcopy
-from lorafx.passes import accumulate_lora
+from lorafx.passes import no_grad_lora
+from lorafx.passes.no_grad_lora import NoGradLoraLinear
 from lorafx.passes.common import LORA
 
-aten = torch.ops.aten
 SPEC = lorafx.LoraSpec(r=4, alpha=8, targets="all-linear")
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -41,10 +42,18 @@ def no_grad_graph(lm):
     return lm._views.get("no_grad")
 
 
+def layers(view):
+    return [m for m in view.modules() if isinstance(m, NoGradLoraLinear)]
+
+
+def folds(lm):
+    return [m.folds for m in layers(lm._views["no_grad"])]
+
+
 def rewritten_copy(lm):
     g = lm.graph_module
     view = _deepcopy(g, {id(t): t for t in itertools.chain(g.parameters(), g.buffers())})
-    return view, accumulate_lora(view).counts
+    return view, no_grad_lora(view).counts
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -52,16 +61,17 @@ def test_no_grad_logits_equal_peft_and_grads_stay_peft(arch):
     lm, theirs = peft_pair(arch)
     lm.eval(), theirs.eval()
     ids = token_batch(3, 9)
-    _, counts = rewritten_copy(lm)
-    assert counts == {"branches": len(lm.lora_paths()), "rewritten": len(lm.lora_paths())}
+    n = len(lm.lora_paths())
+    assert rewritten_copy(lm)[1] == {"branches": n, "rewritten": n, "foldable": n}
     with torch.no_grad():
         expected = theirs(input_ids=ids).logits
-        got = lm(ids).logits
-    torch.testing.assert_close(got, expected, **TOL)
-    view = lm._views["no_grad"]
-    assert view is not lm.graph_module
-    assert sum(n.target == aten.addmm_.default for n in view.graph.nodes) == len(lm.lora_paths())
-    assert not any(n.target == aten.addmm_.default for n in lm.graph_module.graph.nodes)
+        torch.testing.assert_close(lm(ids).logits, expected, **TOL)  # folded: 27 tokens pay back W'
+        assert folds(lm) == [1] * n
+        lm.merged_weights_budget = 0  # never fold: every layer accumulates
+        torch.testing.assert_close(lm(ids).logits, expected, **TOL)
+        assert folds(lm) == [0] * n
+    assert lm._views["no_grad"] is not lm.graph_module
+    assert not any(isinstance(m, NoGradLoraLinear) for m in lm.graph_module.modules())
     # Grad-enabled calls run insert_lora's graph: PEFT's gradients.
     lm.train(), theirs.train()
     lm(input_ids=ids, labels=ids).loss.backward()
@@ -75,7 +85,7 @@ def test_only_plain_branches_are_rewritten():
     """DoRA and float32 LoRA on a bfloat16 layer sum differently (PEFT's DoRA term, PEFT's float32
     add): left as they are, and with nothing to rewrite no-grad calls use graph_module itself."""
     dora, _ = peft_pair("llama", lorafx.LoraSpec(r=4, alpha=8, targets="all-linear", use_dora=True))
-    assert rewritten_copy(dora)[1] == {"branches": len(dora.lora_paths()), "rewritten": 0}
+    assert rewritten_copy(dora)[1] == {"branches": len(dora.lora_paths()), "rewritten": 0, "foldable": 0}
     assert no_grad_graph(dora.eval()) is dora.graph_module
     bf16 = lorafx.transform(tiny_model("llama").to(torch.bfloat16), SPEC)
     assert rewritten_copy(bf16)[1]["rewritten"] == 0
@@ -95,33 +105,44 @@ def test_no_grad_equals_grad_enabled_call(spec):
     with torch.no_grad():
         for _, p in lm.named_lora_parameters():
             p.normal_(0, 0.2)
-    ids = token_batch(2, 8)
+    ids = token_batch(2, 16)  # 32 tokens: every layer's W' pays back
     torch.manual_seed(3)
     expected = lm(ids).logits.detach()
     torch.manual_seed(3)
     with torch.no_grad():
         got = lm(ids).logits
-    view = lm._views["no_grad"]
-    assert sum(n.target == aten.addmm_.default for n in view.graph.nodes) == len(lm.lora_paths())
+    assert len(layers(lm._views["no_grad"])) == len(lm.lora_paths())
+    # NF4 weights are dequantized per call and dropout masks the LoRA input: both accumulate.
+    assert folds(lm) == [0 if spec.quantize or spec.dropout else 1] * len(lm.lora_paths())
     torch.testing.assert_close(got, expected, **TOL)
 
 
 def test_no_grad_graph_follows_optimizer_steps_load_adapter_and_merge(tmp_path):
     lm, theirs = peft_pair("llama")
-    ids = token_batch(2, 6)
+    ids = token_batch(2, 16)
+    mask = torch.ones_like(ids)
     view = no_grad_graph(lm)
+    n = len(lm.lora_paths())
+    with torch.no_grad():
+        lm(ids)
+    assert folds(lm) == [1] * n  # the 2-token call above folded nothing: it would not pay back W'
     opt = torch.optim.SGD(lm.trainable_parameters(), lr=0.5)
-    for _ in range(2):
+    for step in range(2):
         lm(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
         with torch.no_grad():
-            torch.testing.assert_close(lm(ids).logits, lm.graph_module(input_ids=ids, attention_mask=torch.ones_like(ids))["logits"])
+            torch.testing.assert_close(lm(ids).logits, lm.graph_module(input_ids=ids, attention_mask=mask)["logits"], **TOL)
+            lm(ids)
+        assert folds(lm) == [2 + step] * n  # once per step: the next call reuses it
     assert lm._views["no_grad"] is view  # the same graph, reading the updated tensors
     theirs.save_pretrained(tmp_path)
     lm.load_adapter(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, theirs(input_ids=ids).logits, **TOL)
+        assert folds(lm) == [4] * n
+        lm(token_batch(1, 1))  # a decode-sized call reads the folded weights it finds
+        assert folds(lm) == [4] * n
         merged = lm.merge()
         assert merged._views == {} and no_grad_graph(merged) is merged.graph_module
         torch.testing.assert_close(merged(ids).logits, theirs(input_ids=ids).logits, **TOL)
@@ -153,3 +174,23 @@ def test_named_adapters_use_the_bank_graph(tmp_path):
         with theirs.disable_adapter():
             base = theirs(input_ids=ids).logits
         torch.testing.assert_close(lm(ids, adapter_ids=[-1, -1]).logits, base, **TOL)
+
+
+def test_merged_weights_budget_bounds_the_folded_bytes():
+    lm, theirs = peft_pair("llama")
+    ids = token_batch(2, 16)
+    sizes = {p: lm.graph_module.get_submodule(p).weight.nbytes for p in lm.lora_paths()}
+    lm.merged_weights_budget = sizes["model.layers.0.self_attn.q_proj"] + 1
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, theirs(input_ids=ids).logits, **TOL)
+    view = lm._views["no_grad"]
+    assert folds(lm) == [1] + [0] * (len(sizes) - 1)  # the first layer in graph order fits, no other
+    assert view.merged_weights.used == sizes["model.layers.0.self_attn.q_proj"]
+    lm.merged_weights_budget = None
+    assert "no_grad" not in lm._views  # the folded weights held went with the old graph
+    with torch.no_grad():
+        lm(ids)
+    assert lm._views["no_grad"].merged_weights.used == sum(sizes.values())
+    for bad in (-1, 1.5, True, "1GiB"):
+        with pytest.raises(ValueError, match=f"merged_weights_budget={bad!r} is invalid: allowed is a byte count"):
+            lm.merged_weights_budget = bad
