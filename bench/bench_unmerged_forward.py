@@ -6,7 +6,10 @@ all over the same weights and adapter (lorafx saves it, PEFT loads that folder):
 
     merged         PEFT's merge_and_unload: the plain transformers model with B·A folded in
     lorafx-merged  lorafx's merge(): the captured graph with B·A folded in
-    lorafx         lorafx.transform, unmerged (no-grad calls take the accumulate_lora graph)
+    lorafx         lorafx.transform, unmerged: no-grad calls fold W + scale·B·A per layer, once
+                   (passes/no_grad_lora.py; the bytes it holds are printed under the table)
+    lorafx-addmm   the same with merged_weights_budget=0: nothing folded, each branch summed
+                   into the base output by one addmm
     peft           peft.PeftModel, unmerged
 
 and with --compile the same under torch.compile: lorafx and lorafx-merged with backend
@@ -57,9 +60,12 @@ def providers(args) -> dict:
             p.normal_(0, 0.02)
     with tempfile.TemporaryDirectory() as folder:
         lm.save_adapter(folder)
+        addmm = lorafx.transform(copy.deepcopy(base), spec).eval()
+        addmm.load_adapter(folder)
+        addmm.merged_weights_budget = 0
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
         merged = peft.PeftModel.from_pretrained(base, folder).merge_and_unload().eval()
-    models = {"merged": merged, "lorafx-merged": lm.merge().eval(), "lorafx": lm, "peft": pm}
+    models = {"merged": merged, "lorafx-merged": lm.merge().eval(), "lorafx": lm, "lorafx-addmm": addmm, "peft": pm}
     if args.compile:
         compiled = {
             "lorafx compiled": torch.compile(lm, backend="lorafx"),
@@ -68,7 +74,8 @@ def providers(args) -> dict:
             "merged compiled": torch.compile(merged),
         }
         models.update(compiled)
-    return {name: (lambda m: lambda ids, mask: m(input_ids=ids, attention_mask=mask).logits)(m) for name, m in models.items()}
+    runs = {name: (lambda m: lambda ids, mask: m(input_ids=ids, attention_mask=mask).logits)(m) for name, m in models.items()}
+    return runs, lm
 
 
 def main():
@@ -86,7 +93,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    runs = providers(args)
+    runs, lm = providers(args)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     mask = torch.ones_like(ids)
@@ -121,6 +128,10 @@ def main():
         print(f"| {name} | {med[name] * 1e3:.0f} | {min(t) * 1e3:.0f}-{max(t) * 1e3:.0f} | "
               f"{med[name] / med['merged']:.2f}x | {med[name] / med['lorafx-merged']:.2f}x | {diff:.1e} | "
               f"{compile_s[name]:.1f} |")
+    adapted = sum(lm.graph_module.get_submodule(p).weight.nbytes for p in lm.lora_paths())
+    print(f"\nlorafx holds {lm.merged_weights_used / 2**20:.0f} MiB of folded weights "
+          f"(budget {lm.merged_weights_budget / 2**20:.0f} MiB; the adapted layers' weights are {adapted / 2**20:.0f} MiB, "
+          f"the model's parameters {sum(p.nbytes for p in lm.parameters()) / 2**20:.0f} MiB).")
 
 
 if __name__ == "__main__":

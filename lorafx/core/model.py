@@ -279,6 +279,12 @@ class LoraModel(PeftSurface, torch.nn.Module):
         self.__dict__["_merged_weights_budget"] = nbytes
         self._views.pop("no_grad", None)
 
+    @property
+    def merged_weights_used(self) -> int:
+        """Bytes of folded weights the no-grad calls hold now (within merged_weights_budget)."""
+        view = self._views.get("no_grad")
+        return view.merged_weights.used if view is not None and view is not self.graph_module else 0
+
     def _apply(self, fn, *args, **kwargs):
         self.forget_views()
         return super()._apply(fn, *args, **kwargs)

@@ -183,14 +183,13 @@ def test_merged_weights_budget_bounds_the_folded_bytes():
     lm.merged_weights_budget = sizes["model.layers.0.self_attn.q_proj"] + 1
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, theirs(input_ids=ids).logits, **TOL)
-    view = lm._views["no_grad"]
     assert folds(lm) == [1] + [0] * (len(sizes) - 1)  # the first layer in graph order fits, no other
-    assert view.merged_weights.used == sizes["model.layers.0.self_attn.q_proj"]
+    assert lm.merged_weights_used == sizes["model.layers.0.self_attn.q_proj"]
     lm.merged_weights_budget = None
     assert "no_grad" not in lm._views  # the folded weights held went with the old graph
     with torch.no_grad():
         lm(ids)
-    assert lm._views["no_grad"].merged_weights.used == sum(sizes.values())
+    assert lm.merged_weights_used == sum(sizes.values())
     for bad in (-1, 1.5, True, "1GiB"):
         with pytest.raises(ValueError, match=f"merged_weights_budget={bad!r} is invalid: allowed is a byte count"):
             lm.merged_weights_budget = bad
