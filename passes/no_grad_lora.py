@@ -13,18 +13,21 @@ transposed view. Without a backward to feed, a layer can do better, exactly or n
   about 1e-6 relative at the logits (float32; bench/bench_unmerged_forward.py prints it), so
   float32/float64 layers only, and only where the LoRA input is the layer's input (dropout off
   or in eval mode). Each W' costs the memory of W: they share a byte budget
-  (`MergedWeights.limit`, set from LoraModel.merged_weights_budget); layers past it, and calls
+  (`MergedWeights.limit`, set from LoraModel.merged_weights_budget) and LoraModel drops them at
+  the next grad-enabled call, so training holds none; layers past the budget, and calls
   that would build a W' for fewer tokens than it pays back (tokens·(in+out) < in·out, e.g. one
   decode step), take the accumulated path.
 - accumulated: y2 = (x·Wᵀ).flatten(0, -2);  y2.addmm_(x_lora2·Aᵀ, contiguous(Bᵀ), alpha=scale)
   adds the branch into the base output inside the GEMM (beta=1): only the (tokens × r) down
   product is allocated. addmm scales inside the GEMM, so the rounding differs from PEFT's
-  mul-then-add by an ulp of the LoRA term. NF4 bases and 16-bit layers take this path.
+  mul-then-add by an ulp of the LoRA term. NF4 bases (their W is dequantized per call) take
+  this path.
 
 Not part of TRANSFORM_PASSES: LoraModel runs it on a copy of its graph that shares every
 tensor (LoraModel._no_grad_graph), for eager calls; grad-enabled calls keep insert_lora's graph
-and PEFT's gradients. DoRA branches and float32 LoRA on 16-bit layers (PEFT sums those in
-float32, then casts) are left as they are. Writes through `p.data` bypass the version counter
+and PEFT's gradients. DoRA branches and 16-bit layers are left as they are: there an ulp of
+the output is ~1e-3 relative, so a rounding other than PEFT's mul-then-add would be a visible
+third answer (and float32 LoRA on a 16-bit layer sums in float32, then casts, as PEFT does). Writes through `p.data` bypass the version counter
 (PyTorch's own caveat for `.data`); write the parameter itself (`with torch.no_grad(): p.copy_`).
 """
 
@@ -46,12 +49,19 @@ class MergedWeights(torch.nn.Module):
         super().__init__()
         self.limit = limit
         self.used = 0
+        self.__dict__["layers"] = []  # the NoGradLoraLinears that reserve here (not submodules)
 
     def reserve(self, nbytes: int) -> bool:
         if self.limit is not None and self.used + nbytes > self.limit:
             return False
         self.used += nbytes
         return True
+
+    def release(self) -> None:
+        """Drop every W' (the next no-grad calls fold again)."""
+        for layer in self.layers:
+            layer.merged, layer.key = None, None
+        self.used = 0
 
 
 class NoGradLoraLinear(torch.nn.Module):
@@ -61,6 +71,7 @@ class NoGradLoraLinear(torch.nn.Module):
         super().__init__()
         self.scale, self.conv1d, self.foldable = scale, conv1d, foldable
         self.__dict__["budget"] = budget  # shared by every layer of the graph: not a submodule
+        budget.layers.append(self)
         self.merged: torch.Tensor | None = None
         self.key: tuple | None = None  # W, A, B with their data pointers and versions when W' was made
         self.folds = 0  # how many times W' was computed (tests read it)
@@ -115,9 +126,7 @@ def no_grad_lora(gm: torch.fx.GraphModule, spec=None) -> PassResult:
         conv1d = base.target == aten.addmm.default
         bias, x, weight = base.args[:3] if conv1d else (base.args[2] if len(base.args) > 2 else None, *base.args[:2])
         if path not in modules:
-            # Folding needs the weight as a tensor of its own (not NF4's per-call dequant) in a dtype
-            # whose rounding of W' stays within 1e-5 of the unmerged sum.
-            foldable = weight.op == "get_attr" and base.meta[LINEAR].dtype in (torch.float32, torch.float64)
+            foldable = weight.op == "get_attr"  # a tensor of its own, not NF4's per-call dequant
             modules[path] = NoGradLoraLinear(scale, conv1d, foldable, budget)
             gm.get_submodule(path).add_module(MODULE, modules[path])
         with graph.inserting_before(add):
@@ -150,6 +159,8 @@ def _plain_branch(add: torch.fx.Node):
         return None  # float32 LoRA on a 16-bit layer: PEFT sums in float32, keep its casts
     if base.target == aten.addmm.default and (base.kwargs or len(base.args) != 3):
         return None  # Conv1D's addmm is addmm(bias, x, W), nothing else
+    if base.meta[LINEAR].dtype not in (torch.float32, torch.float64):
+        return None  # 16-bit: see the module docstring
     if role(a) != "A" or role(b) != "B" or set(base.users) != {add} or base.kwargs:
         return None
     if any(len(n.users) != 1 for n in (scaled, up, down)):

@@ -213,6 +213,8 @@ class LoraModel(PeftSurface, torch.nn.Module):
             return self._no_grad_graph()
         else:
             graph = self.graph_module
+            if not torch.compiler.is_compiling() and self.merged_weights_used:
+                self._views["no_grad"].merged_weights.release()  # training keeps today's memory
         if not self._disabled and (self._adapters is not None or adapter_ids is not None):
             named_adapters.write_ids(self, batch, adapter_ids, gm=graph)
         return graph
@@ -269,7 +271,8 @@ class LoraModel(PeftSurface, torch.nn.Module):
     @property
     def merged_weights_budget(self) -> int | None:
         """Bytes that no-grad calls may hold in folded weights W + scale·B·A (each the size of its
-        layer's W; None: no limit, 0: never fold). Setting it frees the folded weights held."""
+        layer's W; None: no limit, 0: never fold). They are held from one no-grad call to the next
+        and dropped by the next grad-enabled call (and by setting this)."""
         return self.__dict__.get("_merged_weights_budget", MERGED_WEIGHTS_BUDGET)
 
     @merged_weights_budget.setter

@@ -82,8 +82,9 @@ def test_no_grad_logits_equal_peft_and_grads_stay_peft(arch):
 
 
 def test_only_plain_branches_are_rewritten():
-    """DoRA and float32 LoRA on a bfloat16 layer sum differently (PEFT's DoRA term, PEFT's float32
-    add): left as they are, and with nothing to rewrite no-grad calls use graph_module itself."""
+    """DoRA and 16-bit layers (with float32 or 16-bit LoRA) sum differently (PEFT's DoRA term,
+    PEFT's float32 add, PEFT's 16-bit roundings): left as they are, and with nothing to rewrite
+    no-grad calls use graph_module itself."""
     dora, _ = peft_pair("llama", lorafx.LoraSpec(r=4, alpha=8, targets="all-linear", use_dora=True))
     assert rewritten_copy(dora)[1] == {"branches": len(dora.lora_paths()), "rewritten": 0, "foldable": 0}
     assert no_grad_graph(dora.eval()) is dora.graph_module
@@ -91,6 +92,10 @@ def test_only_plain_branches_are_rewritten():
     assert rewritten_copy(bf16)[1]["rewritten"] == 0
     roles = {n.meta[LORA][1] for n in bf16.graph_module.graph.nodes if LORA in n.meta}
     assert {"cast_in", "cast_out"} <= roles
+    spec = lorafx.LoraSpec(r=4, alpha=8, targets="all-linear", autocast_adapter_dtype=False)
+    bf16_lora = lorafx.transform(tiny_model("llama").to(torch.bfloat16), spec)
+    assert rewritten_copy(bf16_lora)[1]["rewritten"] == 0
+    assert no_grad_graph(bf16_lora) is bf16_lora.graph_module
 
 
 @pytest.mark.parametrize("spec", [
@@ -129,6 +134,7 @@ def test_no_grad_graph_follows_optimizer_steps_load_adapter_and_merge(tmp_path):
     opt = torch.optim.SGD(lm.trainable_parameters(), lr=0.5)
     for step in range(2):
         lm(input_ids=ids, labels=ids).loss.backward()
+        assert lm.merged_weights_used == 0  # a training call holds no folded weights
         opt.step()
         opt.zero_grad()
         with torch.no_grad():
