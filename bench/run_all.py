@@ -56,6 +56,7 @@ SCRIPTS = {
     "bench_nf4_lora_linear": Bench(("cuda",), ("--small",)),
     "bench_multi_adapter": Bench(("cpu", "cuda"), ("--small",)),
     "bench_init_error": Bench(("cpu",), ("--layers", "0")),
+    "bench_unmerged_forward": Bench(("cpu",), ("--rounds", "2", "--hidden", "256", "--layers", "2")),
 }
 
 

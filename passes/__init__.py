@@ -13,6 +13,7 @@ from .insert_vera import insert_vera, merge_vera, strip_vera
 from .loss_head import find_loss_head, loss_head, split_at_loss_head
 from .match_linears import match_linears
 from .merge_lora import merge_lora
+from .no_grad_lora import no_grad_lora
 from .quantize_nf4 import quantize_nf4
 
 # Fusion: one lorafx op per layer. transform runs it on CUDA (fuse_on_cuda); the compile
@@ -94,6 +95,7 @@ __all__ = [
     "merge_ia3",
     "merge_lora",
     "merge_vera",
+    "no_grad_lora",
     "quantize_nf4",
     "run_passes",
     "split_at_loss_head",

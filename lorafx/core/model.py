@@ -22,6 +22,7 @@ from lorafx.passes import (
     inline_checkpointed_layers,
     loss_head,
     merge_lora,
+    no_grad_lora,
     run_passes,
     split_at_loss_head,
     unfuse_nf4_lora,
@@ -41,6 +42,10 @@ from .spec import LoraSpec
 
 GRAPH_PREFIX = "graph_module."
 IGNORE_INDEX = -100  # transformers' ignore_index for labels
+# Folded weights no-grad calls keep by default (LoraModel.merged_weights_budget): a merged copy of
+# every adapted layer for models up to ~1 GiB of adapted fp32 weights (e.g. a 4-layer hidden-1024
+# Llama, 0.19 GiB), a bounded extra on larger ones, whose other layers take the addmm path.
+MERGED_WEIGHTS_BUDGET = 1 << 30
 FLASH_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
@@ -285,8 +290,13 @@ class LoraModel(PeftSurface, torch.nn.Module):
             graph = self.entry_point(key, lambda: views.with_inputs(self, inputs, self._disabled))
         elif self._disabled:
             return self._base_graph()
+        elif not torch.is_grad_enabled() and self._adapters is None and adapter_ids is None \
+                and not torch.compiler.is_compiling():  # Dynamo traces graph_module (see _no_grad_graph)
+            return self._no_grad_graph()
         else:
             graph = self.graph_module
+            if not torch.compiler.is_compiling() and self.merged_weights_used:
+                self._views["no_grad"].merged_weights.release()  # training keeps today's memory
         if not self._disabled and (self._adapters is not None or adapter_ids is not None):
             named_adapters.write_ids(self, batch, adapter_ids, gm=graph)
         return graph
@@ -320,6 +330,45 @@ class LoraModel(PeftSurface, torch.nn.Module):
             return view
 
         return self.entry_point("base", build)
+
+    def _no_grad_graph(self) -> torch.fx.GraphModule:
+        """The graph for calls with autograd off: graph_module's copy (sharing every parameter and
+        buffer) whose plain LoRA layers run folded (W + scale·B·A, kept while W, A, B are
+        unchanged, within merged_weights_budget) or with the branch summed into the base output
+        by one addmm (passes/no_grad_lora.py); graph_module itself where no layer qualifies.
+        Eager calls only: built while Dynamo traces, the copy would break the graph, and a view
+        that appears later would change what Dynamo guarded on and recompile."""
+
+        def build():
+            shared = {id(t): t for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers())}
+            view = _deepcopy(self.graph_module, shared)
+            inline_checkpointed_layers(view)  # no backward to recompute for
+            if not no_grad_lora(view).counts["rewritten"]:
+                return self.graph_module
+            view.merged_weights.limit = self.merged_weights_budget
+            return view
+
+        return self.entry_point("no_grad", build)
+
+    @property
+    def merged_weights_budget(self) -> int | None:
+        """Bytes that no-grad calls may hold in folded weights W + scale·B·A (each the size of its
+        layer's W; None: no limit, 0: never fold). They are held from one no-grad call to the next
+        and dropped by the next grad-enabled call (and by setting this)."""
+        return self.__dict__.get("_merged_weights_budget", MERGED_WEIGHTS_BUDGET)
+
+    @merged_weights_budget.setter
+    def merged_weights_budget(self, nbytes: int | None) -> None:
+        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
+            raise ValueError(f"merged_weights_budget={nbytes!r} is invalid: allowed is a byte count >= 0, or None (no limit)")
+        self.__dict__["_merged_weights_budget"] = nbytes
+        self._views.pop("no_grad", None)
+
+    @property
+    def merged_weights_used(self) -> int:
+        """Bytes of folded weights the no-grad calls hold now (within merged_weights_budget)."""
+        view = self._views.get("no_grad")
+        return view.merged_weights.used if view is not None and view is not self.graph_module else 0
 
     def _apply(self, fn, *args, **kwargs):
         self.forget_views()
