@@ -1,0 +1,108 @@
+"""How long does lorafx.transform take beside peft.get_peft_model, and does it grow with depth?
+
+Question (issue 21 part 5): the cost of turning a Llama (hidden 256, intermediate 512,
+4 heads / 2 KV heads, vocab 1000) into a LoRA model (r=8, all linear layers but the head) at
+2, 8 and 32 layers. Every measurement is a fresh Python process (imports done, model built
+before the clock starts), providers interleaved round by round: "first" is the first call
+in the process (what a training script pays), "second" is a second call on another instance
+of the same architecture in that process (lorafx reuses its captured graph: graph_cache).
+Printed: medians (min–max) in seconds, and lorafx / PEFT ratios of the medians.
+
+    python bench/bench_transform.py                 # 3 rounds, 2/8/32 layers
+    python bench/bench_transform.py --rounds 5 --layers 2 32
+
+Benchmarks are not tests: nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+PROVIDERS = ("lorafx", "peft")
+
+
+def config(layers: int):
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2)
+
+
+def one_process(provider: str, layers: int) -> dict:
+    """Seconds of the first and of a second transform in this (fresh) process."""
+    import transformers
+
+    def model():
+        return transformers.AutoModelForCausalLM.from_config(config(layers))
+
+    if provider == "lorafx":
+        import lorafx
+
+        spec = lorafx.LoraSpec(r=8, alpha=16)
+
+        def run(m):
+            return lorafx.transform(m, spec)
+    else:
+        import peft
+
+        def run(m):
+            return peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+
+    seconds = []
+    for _ in range(2):
+        m = model()
+        start = time.perf_counter()
+        run(m)
+        seconds.append(time.perf_counter() - start)
+    return {"first": seconds[0], "second": seconds[1]}
+
+
+def summary(values):
+    return f"{statistics.median(values):.3f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32])
+    parser.add_argument("--one", nargs=2, metavar=("PROVIDER", "LAYERS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_process(args.one[0], int(args.one[1]))))
+        return
+    times = {(p, n): [] for p in PROVIDERS for n in args.layers}
+    for round_ in range(args.rounds):
+        for n in args.layers:
+            order = PROVIDERS if round_ % 2 == 0 else PROVIDERS[::-1]  # neither always runs first
+            for p in order:
+                out = subprocess.run([sys.executable, __file__, "--one", p, str(n)], check=True,
+                                     capture_output=True, text=True).stdout
+                times[p, n].append(json.loads(out.strip().splitlines()[-1]))
+    import peft
+    import transformers
+
+    print(f"## transform vs get_peft_model, Llama hidden 256, r=8 all-linear, CPU ({torch.get_num_threads()} threads), "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
+          f"median (min–max) of {args.rounds} fresh processes per cell, providers interleaved\n")
+    print("| layers | lorafx first (s) | peft first (s) | first: lorafx / peft | lorafx second (s) | "
+          "peft second (s) | second: lorafx / peft |")
+    print("|---|---|---|---|---|---|---|")
+    for n in args.layers:
+        row = [str(n)]
+        for call in ("first", "second"):
+            ours = [t[call] for t in times["lorafx", n]]
+            theirs = [t[call] for t in times["peft", n]]
+            row += [summary(ours), summary(theirs), f"{statistics.median(ours) / statistics.median(theirs):.2f}x"]
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
