@@ -10,6 +10,7 @@ Printed: medians (min–max) in seconds, and lorafx / PEFT ratios of the medians
 
     python bench/bench_transform.py                 # 3 rounds, 2/8/32 layers
     python bench/bench_transform.py --rounds 5 --layers 2 32
+    python bench/bench_transform.py --baseline-python ../main/.venv/bin/python  # + another checkout's lorafx
 
 Benchmarks are not tests: nothing asserts.
 """
@@ -72,17 +73,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32])
+    parser.add_argument("--baseline-python", help="also time lorafx as installed for this interpreter "
+                        "(another checkout's venv: the before of a change), as provider 'lorafx-baseline'")
     parser.add_argument("--one", nargs=2, metavar=("PROVIDER", "LAYERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_process(args.one[0], int(args.one[1]))))
         return
-    times = {(p, n): [] for p in PROVIDERS for n in args.layers}
+    pythons = {"lorafx": sys.executable, "peft": sys.executable}
+    if args.baseline_python:
+        pythons["lorafx-baseline"] = args.baseline_python
+    providers = list(pythons)
+    times = {(p, n): [] for p in providers for n in args.layers}
     for round_ in range(args.rounds):
         for n in args.layers:
-            order = PROVIDERS if round_ % 2 == 0 else PROVIDERS[::-1]  # neither always runs first
+            order = providers if round_ % 2 == 0 else providers[::-1]  # none always runs first
             for p in order:
-                out = subprocess.run([sys.executable, __file__, "--one", p, str(n)], check=True,
+                one = "peft" if p == "peft" else "lorafx"
+                out = subprocess.run([pythons[p], __file__, "--one", one, str(n)], check=True,
                                      capture_output=True, text=True).stdout
                 times[p, n].append(json.loads(out.strip().splitlines()[-1]))
     import peft
@@ -92,16 +100,16 @@ def main():
           f"{time.strftime('%Y-%m-%d')}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
           f"median (min–max) of {args.rounds} fresh processes per cell, providers interleaved\n")
-    print("| layers | lorafx first (s) | peft first (s) | first: lorafx / peft | lorafx second (s) | "
-          "peft second (s) | second: lorafx / peft |")
-    print("|---|---|---|---|---|---|---|")
-    for n in args.layers:
-        row = [str(n)]
-        for call in ("first", "second"):
-            ours = [t[call] for t in times["lorafx", n]]
-            theirs = [t[call] for t in times["peft", n]]
-            row += [summary(ours), summary(theirs), f"{statistics.median(ours) / statistics.median(theirs):.2f}x"]
-        print("| " + " | ".join(row) + " |")
+    ours = [p for p in providers if p != "peft"]
+    for call in ("first", "second"):
+        print(f"\n{call} call in the process (s), and / peft\n")
+        print("| layers | " + " | ".join(providers) + " | " + " | ".join(f"{p} / peft" for p in ours) + " |")
+        print("|---|" + "---|" * (len(providers) + len(ours)))
+        for n in args.layers:
+            median = {p: statistics.median(t[call] for t in times[p, n]) for p in providers}
+            cells = [summary([t[call] for t in times[p, n]]) for p in providers]
+            cells += [f"{median[p] / median['peft']:.2f}x" for p in ours]
+            print(f"| {n} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

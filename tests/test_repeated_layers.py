@@ -107,6 +107,39 @@ def test_plain_module_stack(reads_index):
     torch.testing.assert_close(captured.graph_module(y), model(y), rtol=0, atol=0)
 
 
+def test_layers_given_an_object_are_traced():
+    """Layers called with an object (as decode graphs pass a KV cache) are all traced for themselves."""
+
+    class Cache:
+        scale = 2.0
+
+    class Cached(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(CacheBlock() for _ in range(3))
+
+        def forward(self, x):
+            cache = Cache()
+            for layer in self.layers:
+                x = layer(x, cache)
+            return x
+
+    class CacheBlock(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(8, 8)
+
+        def forward(self, x, cache):
+            return super().forward(x) * cache.scale
+
+    torch.manual_seed(0)
+    model = Cached()
+    graph_cache.clear()
+    captured = capture_module.capture(model, example_args=(torch.randn(4, 8),))
+    assert captured.stamped_layers == 0
+    y = torch.randn(5, 8)
+    torch.testing.assert_close(captured.graph_module(y), model(y), rtol=0, atol=0)
+
+
 def test_layer_called_otherwise_is_traced():
     """A repeat called with inputs of another shape than its representative is traced for itself."""
 

@@ -1,6 +1,6 @@
 """Trace a decoder layer once and stamp copies for the layers that repeat it.
 
-torch.export spends ~90% of a capture running every decoder layer on symbolic fake tensors,
+torch.export spends ~90% of a capture (8-layer Llama) running the decoder layers on symbolic fake tensors,
 so capture time grew linearly with depth (issue 21). Layers of one ModuleList that have the
 same class and the same state record the same ops, with only their weights' names changed.
 While exporting, the first layer of each such kind (its "representative") is traced as usual
@@ -14,9 +14,11 @@ What makes a copy exact, checked rather than assumed:
   The one attribute allowed to differ is `layer_idx` (Hugging Face layers keep their index
   for the KV cache); the representative traces with a probe in its place, and a trace that
   reads it (a cache update, a per-layer rule) throws the whole attempt away;
-- same call: the layer receives the same argument structure, the same non-tensor values and
-  tensors with the same symbolic shapes, strides, dtypes and devices as its representative;
-  otherwise it is traced in full;
+- same call: the layer receives the same argument structure, the same plain values and
+  tensors with the same symbolic shapes, strides, dtypes, devices and requires_grad as its
+  representative; otherwise it is traced in full. A representative called with an object
+  among its arguments (a KV cache, which layers index by layer_idx) is traced as usual, and
+  so is every layer of its kind;
 - the representative's nodes mutate nothing and reach no tensor other than its inputs and
   weights (else the attempt is thrown away and the model exported in full).
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import operator
 
 import torch
@@ -177,6 +180,7 @@ class _Plan:
     ids: dict[str, int] = dataclasses.field(default_factory=dict)  # representative path → id
     stamps: list[str] = dataclasses.field(default_factory=list)  # path of each placeholder's layer
     index_read: bool = False
+    probed: dict[str, list] = dataclasses.field(default_factory=dict)  # representative → (module, its real layer_idx)
 
 
 def _sym_key(x):
@@ -218,6 +222,12 @@ def _representative_forward(plan: _Plan, path: str, forward):
         if path in plan.calls:
             raise StampRefused(f"{path} is called more than once")
         leaves, spec, tensors = _split(args, kwargs)
+        if not all(isinstance(x, (torch.Tensor, *_SIMPLE, torch.SymInt, torch.SymFloat, torch.SymBool)) for x in leaves):
+            # an object among the arguments (a KV cache, which layers index by layer_idx): no
+            # call to compare the repeats' against, so every layer of this kind is traced
+            for sub, value in plan.probed.pop(path):
+                sub.__dict__[INDEX] = value
+            return forward(*args, **kwargs)
         if len({id(t) for t in tensors}) != len(tensors):
             raise StampRefused(f"{path} gets one tensor twice")
         layer = plan.ids.setdefault(path, len(plan.ids))
@@ -264,12 +274,13 @@ def stamping(model: torch.nn.Module, repeats: dict[str, str]):
     Yields the plan that `expand` needs."""
     plan = _Plan(repeats)
     modules = dict(model.named_modules())
-    patched, probed = [], []
+    patched = []
     for path in set(repeats.values()):
         patched.append((modules[path], _representative_forward(plan, path, modules[path].forward)))
+        plan.probed[path] = []
         for sub in modules[path].modules():
             if INDEX in sub.__dict__:
-                probed.append((sub, sub.__dict__[INDEX]))
+                plan.probed[path].append((sub, sub.__dict__[INDEX]))
                 sub.__dict__[INDEX] = _Probe(plan, sub.__dict__[INDEX])
     for path in repeats:
         patched.append((modules[path], _repeat_forward(plan, path, modules[path].forward)))
@@ -286,7 +297,7 @@ def stamping(model: torch.nn.Module, repeats: dict[str, str]):
                 del module.__dict__["forward"]
             else:
                 module.forward = old
-        for sub, value in probed:
+        for sub, value in itertools.chain.from_iterable(plan.probed.values()):
             sub.__dict__[INDEX] = value
 
 
