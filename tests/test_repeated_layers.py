@@ -161,3 +161,39 @@ def test_layer_called_otherwise_is_traced():
     assert captured.stamped_layers == 1  # layers.2 repeats layers.0's call; layers.1 is traced
     y = torch.randn(5, 8)
     torch.testing.assert_close(captured.graph_module(y), model(y), rtol=0, atol=0)
+
+
+def test_nested_repeats_stamp_the_outer_layers():
+    """Lists inside repeated layers (experts inside decoder layers) are not stamped a second time:
+    a copy of layer 0 must read layer 1's experts, not layer 0's."""
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+
+        def forward(self, x):
+            for expert in self.experts:
+                x = expert(x)
+            return x
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Linear(8, 8)
+            self.layers = torch.nn.ModuleList(Experts() for _ in range(2))
+
+        def forward(self, x):
+            x = self.embed(x)
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Outer()
+    assert repeated_layers(model) == {"layers.1": "layers.0"}
+    graph_cache.clear()
+    captured = capture_module.capture(model, example_args=(torch.randn(4, 8),))
+    assert captured.stamped_layers == 1
+    y = torch.randn(3, 8)
+    torch.testing.assert_close(captured.graph_module(y), model(y), rtol=0, atol=0)

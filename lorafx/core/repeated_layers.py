@@ -129,15 +129,17 @@ def layer_state(layer: torch.nn.Module, seen=(), skip=SKIP):
 def repeated_layers(model: torch.nn.Module) -> dict[str, str]:
     """Layer path → the path of the earlier layer of the same ModuleList it repeats."""
     repeats: dict[str, str] = {}
+    layers: list[str] = []  # every layer of the lists taken: lists inside them stay (one level of stamping)
     for path, module in model.named_modules():
         if not isinstance(module, torch.nn.ModuleList) or len(module) < 2:
             continue
-        if any(path.startswith(f"{outer}.") for outer in repeats):  # inside a repeated layer already
+        if any(path.startswith(f"{outer}.") for outer in layers):
             continue
         firsts: dict[object, str] = {}
         for name, layer in module.named_children():
             key = layer_state(layer)
             child = f"{path}.{name}" if path else name
+            layers.append(child)
             if key in firsts:
                 repeats[child] = firsts[key]
             else:
@@ -335,8 +337,9 @@ def expand(gm: torch.fx.GraphModule, plan: _Plan, model: torch.nn.Module) -> int
             for a in n.all_input_nodes:
                 if a in members or a.op == "get_attr" and a.target.startswith(paths[layer] + "."):
                     continue
-                if isinstance(a.meta.get("val"), torch.Tensor) or a.op in ("get_attr", "placeholder"):
-                    raise StampRefused(f"{paths[layer]} reads tensor {a.name} besides its inputs and weights")
+                # symbolic sizes are the same values for every layer (their symbols are global)
+                if a.op != "call_function" or not isinstance(a.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
+                    raise StampRefused(f"{paths[layer]} reads {a.name} besides its inputs, weights and sizes")
         bodies[layer] = (begin, inputs, body, end)
     weights = {n.target: n for n in nodes if n.op == "get_attr"}  # ep.module() reads every weight, used or not
     stamped = 0
