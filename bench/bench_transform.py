@@ -4,8 +4,10 @@ Question (issue 21 part 5): the cost of turning a Llama (hidden 256, intermediat
 4 heads / 2 KV heads, vocab 1000) into a LoRA model (r=8, all linear layers but the head) at
 2, 8 and 32 layers. Every measurement is a fresh Python process (imports done, model built
 before the clock starts), providers interleaved round by round: "first" is the first call
-in the process (what a training script pays), "second" is a second call on another instance
-of the same architecture in that process (lorafx reuses its captured graph: graph_cache).
+in the process (what a training script pays, torch.export's one-time set-up included),
+"second" a second call on another instance of the same architecture in that process (lorafx
+reuses its captured graph: graph_cache), "new" a third call, on a model of another
+architecture (intermediate 768) in the now warm process: a capture without the cache.
 Printed: medians (min–max) in seconds, and lorafx / PEFT ratios of the medians.
 
     python bench/bench_transform.py                 # 3 rounds, 2/8/32 layers
@@ -29,11 +31,11 @@ import torch
 PROVIDERS = ("lorafx", "peft")
 
 
-def config(layers: int):
+def config(layers: int, intermediate: int = 512):
     import transformers
 
-    return transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-                                    num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=intermediate,
+                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
 
 
 def one_process(provider: str, layers: int) -> dict:
@@ -62,7 +64,10 @@ def one_process(provider: str, layers: int) -> dict:
         start = time.perf_counter()
         run(m)
         seconds.append(time.perf_counter() - start)
-    return {"first": seconds[0], "second": seconds[1]}
+    other = transformers.AutoModelForCausalLM.from_config(config(layers, intermediate=768))
+    start = time.perf_counter()
+    run(other)  # warm process, an architecture not seen yet: lorafx captures it afresh
+    return {"first": seconds[0], "second": seconds[1], "new": time.perf_counter() - start}
 
 
 def summary(values):
@@ -75,6 +80,7 @@ def main():
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32])
     parser.add_argument("--baseline-python", help="also time lorafx as installed for this interpreter "
                         "(another checkout's venv: the before of a change), as provider 'lorafx-baseline'")
+    parser.add_argument("--out", help="also write the markdown to this file")
     parser.add_argument("--one", nargs=2, metavar=("PROVIDER", "LAYERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -93,24 +99,34 @@ def main():
                 out = subprocess.run([pythons[p], __file__, "--one", one, str(n)], check=True,
                                      capture_output=True, text=True).stdout
                 times[p, n].append(json.loads(out.strip().splitlines()[-1]))
+        text = table(times, providers, args.layers, round_ + 1)
+        if args.out:  # after every round: a long run that is cut short still leaves its table
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+    print(text)
+
+
+def table(times, providers, layers, rounds) -> str:
     import peft
     import transformers
 
-    print(f"## transform vs get_peft_model, Llama hidden 256, r=8 all-linear, CPU ({torch.get_num_threads()} threads), "
-          f"{time.strftime('%Y-%m-%d')}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
-          f"median (min–max) of {args.rounds} fresh processes per cell, providers interleaved\n")
+    lines = [
+        f"## transform vs get_peft_model, Llama hidden 256, r=8 all-linear, CPU ({torch.get_num_threads()} threads), "
+        f"{time.strftime('%Y-%m-%d')}",
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
+        f"median (min–max) of {rounds} fresh processes per cell, providers interleaved",
+    ]
     ours = [p for p in providers if p != "peft"]
-    for call in ("first", "second"):
-        print(f"\n{call} call in the process (s), and / peft\n")
-        print("| layers | " + " | ".join(providers) + " | " + " | ".join(f"{p} / peft" for p in ours) + " |")
-        print("|---|" + "---|" * (len(providers) + len(ours)))
-        for n in args.layers:
+    for call in ("first", "second", "new"):
+        lines.append(f"\n{call} call in the process (s), and / peft\n")
+        lines.append("| layers | " + " | ".join(providers) + " | " + " | ".join(f"{p} / peft" for p in ours) + " |")
+        lines.append("|---|" + "---|" * (len(providers) + len(ours)))
+        for n in layers:
             median = {p: statistics.median(t[call] for t in times[p, n]) for p in providers}
             cells = [summary([t[call] for t in times[p, n]]) for p in providers]
             cells += [f"{median[p] / median['peft']:.2f}x" for p in ours]
-            print(f"| {n} | " + " | ".join(cells) + " |")
-
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

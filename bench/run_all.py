@@ -55,6 +55,7 @@ SCRIPTS = {
     "bench_nf4_lora_linear": Bench(("cuda",), ("--small",)),
     "bench_multi_adapter": Bench(("cpu", "cuda"), ("--small",)),
     "bench_init_error": Bench(("cpu",), ("--layers", "0")),
+    "bench_transform": Bench(("cpu",), ("--rounds", "1", "--layers", "2", "8")),
 }
 
 
