@@ -15,7 +15,6 @@ import warnings
 
 import torch
 from torch.export import Dim
-from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from lorafx.passes.quantize_nf4 import STORAGE
 
@@ -110,10 +109,7 @@ def _export(model, example_args, example_kwargs, dynamic_shapes) -> torch.fx.Gra
         model.train(was_training)
     exported = ep.module()
     # ep.module() refuses .train()/.eval(); a plain GraphModule over the same graph does not.
-    # Lazy: generating the Python code of a big graph takes ~40 ms per decoder layer and every
-    # pass recompiles; _LazyGraphModule generates it once, when the graph is first run or read
-    # (transform does it once, after the passes).
-    return _LazyGraphModule(exported, exported.graph)
+    return torch.fx.GraphModule(exported, exported.graph)
 
 
 def _refused(error: BaseException | None) -> bool:

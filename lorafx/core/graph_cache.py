@@ -22,7 +22,6 @@ import sys
 import warnings
 
 import torch
-from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from .repeated_layers import _tensor_key, _value_key, assign, ensure_module, layer_state
@@ -93,7 +92,7 @@ def lookup(key, model: torch.nn.Module) -> tuple[torch.fx.GraphModule | None, in
             value = own[node.target]
             value = value.clone() if isinstance(value, torch.Tensor) else value
         assign(holder, leaf, value)
-    return _LazyGraphModule(root, graph), stamped  # code generated once, after the passes (capture.py)
+    return torch.fx.GraphModule(root, graph), stamped
 
 
 def _copy(graph: torch.fx.Graph) -> torch.fx.Graph:

@@ -10,7 +10,6 @@ import warnings
 from typing import Iterator
 
 import torch
-from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from lorafx.formats import adapters, checkpoints
 from lorafx.passes import (
@@ -69,7 +68,6 @@ def transform(
     spec = spec.resolved(captured.output_head, type(model).__name__)
     variant = variant_of(spec)
     results = run_passes(captured.graph_module, spec, variant.passes if variant else TRANSFORM_PASSES)
-    _LazyGraphModule.force_recompile(captured.graph_module)  # the passes' edits, generated as code once
     lm = LoraModel(captured, spec, model)
     lm.pass_results = results
     lm.train(model.training)
