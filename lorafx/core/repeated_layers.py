@@ -378,8 +378,7 @@ def expand(gm: torch.fx.GraphModule, plan: _Plan, model: torch.nn.Module) -> int
             graph.erase_node(item)
         graph.erase_node(begin)
     _register_missing_weights(gm, model, plan)
-    graph.lint()
-    gm.recompile()
+    graph.lint()  # no recompile: capture builds its GraphModule over this graph next
     return stamped
 
 
