@@ -57,6 +57,7 @@ SCRIPTS = {
     "bench_multi_adapter": Bench(("cpu", "cuda"), ("--small",)),
     "bench_init_error": Bench(("cpu",), ("--layers", "0")),
     "bench_unmerged_forward": Bench(("cpu",), ("--rounds", "2", "--hidden", "256", "--layers", "2")),
+    "bench_transform": Bench(("cpu",), ("--rounds", "1", "--layers", "2", "8")),
 }
 
 
