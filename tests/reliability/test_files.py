@@ -65,7 +65,8 @@ def mlp_adapter(value=0.5, alpha=2):
 # -- 1-2: atomic as a folder ------------------------------------------------------------------
 WRITER = textwrap.dedent("""
     import sys, torch, lorafx
-    folder, alpha, saves = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    import os, time
+    folder, alpha, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
     lm = lorafx.transform(model, lorafx.LoraSpec(r=8, alpha=alpha), example_args=(torch.randn(3, 64),))
     with torch.no_grad():
@@ -73,24 +74,31 @@ WRITER = textwrap.dedent("""
             p.fill_(alpha)  # the tensors say which save they belong to, as the config's lora_alpha does
     lm.save_adapter(folder)
     print("ready", flush=True)
-    for _ in range(saves):
+    deadline = time.monotonic() + 120
+    for _ in range(5000):  # until the reader has seen both writers' saves (bounded in count and time)
+        if os.path.exists(stop) or time.monotonic() > deadline:
+            break
         lm.save_adapter(folder)
 """)
 
 
 def test_two_writers_and_a_reader_see_whole_saves_only(tmp_path):
     folder = tmp_path / "adapter"
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(folder), alpha, "150"], stdout=subprocess.PIPE,
+    stop = tmp_path / "stop"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(folder), alpha, str(stop)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for alpha in ("3.0", "5.0")]
     try:
         for w in writers:
             assert w.stdout.readline() == "ready\n", w.stderr.read()
-        seen, deadline = set(), time.monotonic() + 120
+        seen, reads, deadline = set(), 0, time.monotonic() + 120
         while any(w.poll() is None for w in writers) and time.monotonic() < deadline:
             config, tensors = read_adapter(folder)
             values = {v.item() for t in tensors.values() for v in t.unique()}
             assert values == {config["lora_alpha"]}, f"config of one save, tensors of another: {config['lora_alpha']} vs {values}"
             seen.add(config["lora_alpha"])
+            reads += 1
+            if len(seen) == 2 and reads >= 100:
+                stop.touch()  # each writer ends after the save it is in
         for w in writers:
             assert w.wait(timeout=60) == 0, w.stderr.read()
     finally:
