@@ -124,8 +124,9 @@ def main():
     rows = []
     try:
         for mode, srv in servers.items():  # warm-up: every batch bucket's graph built (and compiled)
-            for n in args.clients:
-                run_server(srv, requests_for(n, words, args.vocab)[:n], ["base", *ADAPTERS], n)
+            for n in args.clients:  # base-only batches run another graph than mixed ones: warm both
+                for models in (["base", *ADAPTERS], ["base"]):
+                    run_server(srv, requests_for(n, words, args.vocab)[:n], models, n)
         for n in args.clients:
             prompts = requests_for(n, words, args.vocab)
             for mode, srv in servers.items():
