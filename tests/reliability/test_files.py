@@ -40,15 +40,12 @@ import safetensors
 import safetensors.torch
 import torch
 from conftest import tiny_model
+from test_bad_inputs import files
 
 import lorafx
 from lorafx.formats import checkpoints
 from lorafx.formats.adapters import read_adapter
 from lorafx.formats.safetensors_io import SafetensorsFile, SafetensorsFormatError
-
-
-def files(folder):
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
 def mlp_adapter(value=0.5, alpha=2):

@@ -36,7 +36,6 @@ diagnose
 import dataclasses
 import json
 import math
-import os
 import pathlib
 
 import peft
@@ -45,6 +44,7 @@ import safetensors.torch
 import torch
 import transformers
 from conftest import COMMON, tiny_model, token_batch
+from test_bad_inputs import files, lora_state, unchanged
 
 import lorafx
 from lorafx.tools import cli
@@ -53,17 +53,6 @@ SPEC = lorafx.LoraSpec(r=4, alpha=8, targets=["q_proj", "v_proj"])
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
-
-def files(folder):
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
-
-
-def lora_state(lm):
-    return {n: p.detach().clone() for n, p in lm.named_lora_parameters()}
-
-
-def unchanged(lm, before):
-    return all(torch.equal(p, before[n]) for n, p in lm.named_lora_parameters())
 
 
 def randomized(lm):
