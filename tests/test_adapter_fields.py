@@ -155,6 +155,7 @@ ACCEPTED = [
     dict(init_lora_weights="gaussian"),
     dict(init_lora_weights="orthogonal"),
     dict(init_lora_weights="mica"),
+    dict(init_lora_weights="nora"),
     dict(init_lora_weights="eva"),
     dict(velora_config=VeloraConfig(num_groups=4)),  # its buffers serve the backward only
     dict(ensure_weight_tying=True),  # no tied layer adapted or saved: PEFT only warns

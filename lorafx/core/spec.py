@@ -27,8 +27,8 @@ BIASES = ("none",)
 ALL_LINEAR = "all-linear"
 # PEFT's modules_to_save default per task model (PeftModelFor*): the new head, trained in full.
 TASK_HEADS = {
-    "ForSequenceClassification": ("classifier", "score"),
-    "ForTokenClassification": ("classifier", "score"),
+    "ForSequenceClassification": ("classifier", "score", "pre_classifier"),
+    "ForTokenClassification": ("classifier", "score", "pre_classifier"),
     "ForQuestionAnswering": ("qa_outputs",),
 }
 
@@ -78,7 +78,8 @@ class LoraSpec:
         A call can also ask for them: `lm(..., labels=..., return_logits=True)`.
     modules_to_save: modules trained in full (not LoRA, not NF4) and saved in the adapter, as
         PEFT's `modules_to_save` (list of module-name suffixes, or a regex). None means PEFT's
-        task default: the new head of a sequence/token classifier ("classifier", "score") or
+        task default: the new head of a sequence/token classifier ("classifier", "score",
+        "pre_classifier", PEFT 0.22's list) or
         of question answering ("qa_outputs"); nothing for other models.
     """
 
@@ -266,11 +267,11 @@ class LoraSpec:
                 f"from_peft_config takes a peft.LoraConfig, a dict or an adapter folder, got {type(config).__name__}"
             )
         init = config.get("init_lora_weights", True)
-        # PEFT's False (B random too, "for debugging"), EVA, orthogonal and MiCA have no lorafx
+        # PEFT's False (B random too, "for debugging"), EVA, orthogonal, MiCA and NoRA have no lorafx
         # twin; they keep the base weights and only pick B·A's starting values, which a loaded
         # adapter replaces, so they map to the default init like True. (check_config has
         # refused the inits lorafx cannot reproduce, and LoftQ other than 4-bit.)
-        init = "kaiming" if isinstance(init, bool) or init in ("eva", "orthogonal", "mica") else init
+        init = "kaiming" if isinstance(init, bool) or init in ("eva", "orthogonal", "mica", "nora") else init
         loftq = config.get("loftq_config") or {}
         return cls(
             r=config["r"],

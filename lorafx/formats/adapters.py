@@ -40,7 +40,7 @@ class AdapterError(ValueError):
 ALPHA_LIMIT = torch.finfo(torch.float32).max
 # init_lora_weights values whose adapter sits on the base weights as they are; every other
 # init (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ, ...) trained on a base it rewrote.
-KEEPS_BASE = (True, False, "kaiming", "gaussian", "eva", "orthogonal", "mica")
+KEEPS_BASE = (True, False, "kaiming", "gaussian", "eva", "orthogonal", "mica", "nora")
 
 
 def peft_config(lm) -> dict:
@@ -224,7 +224,7 @@ def check_config(config, path: str, per_layer: bool = False) -> dict:
     return config
 
 
-# LoraConfig fields (PEFT 0.21) lorafx does not implement and that change what a loaded adapter
+# LoraConfig fields (PEFT 0.22) lorafx does not implement and that change what a loaded adapter
 # computes: the values meaning "off" (PEFT's default; what lorafx computes) and what the field does.
 UNIMPLEMENTED = {
     "bias": (("none",), "'all' / 'lora_only' train the base model's biases, saved in the adapter"),
@@ -253,8 +253,8 @@ READ_AS_IS = (
     "fan_in_fan_out",
     # read only with megatron_config / use_qalora, which are checked above
     "megatron_core", "qalora_group_size",
-    # inputs to an init (EVA, CorDA, LoRA-GA): init_lora_weights says whether the base was rewritten
-    "eva_config", "corda_config", "lora_ga_config",
+    # inputs to an init (EVA, CorDA, LoRA-GA, Astra): init_lora_weights says whether the base was rewritten
+    "eva_config", "corda_config", "lora_ga_config", "astra_config",
     # VeLoRA changes only lora_A's backward (compressed activations); read_adapter drops its buffers
     "velora_config",
     # runtime settings, which PEFT does not save
@@ -293,7 +293,7 @@ def check_implemented(config: dict, path: str, per_layer: bool = False) -> None:
         raise AdapterError(
             f"{path}: init_lora_weights={init!r} is not supported by lorafx (the adapter was trained on a base that "
             "init rewrote, which lorafx cannot rebuild); allowed is true, false, 'gaussian', 'eva', 'orthogonal', "
-            "'mica', 'pissa', 'pissa_niter_N' or 'loftq'. Save it converted to a plain LoRA adapter with PEFT's "
+            "'mica', 'nora', 'pissa', 'pissa_niter_N' or 'loftq'. Save it converted to a plain LoRA adapter with PEFT's "
             "save_pretrained(..., path_initial_model_for_weight_conversion=...)"
         )
     bits = (config.get("loftq_config") or {}).get("loftq_bits", 4)
