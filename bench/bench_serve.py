@@ -111,20 +111,22 @@ def main():
     args = parser.parse_args()
     root = tempfile.mkdtemp()
     dirs, words = build(root, args.hidden, args.layers, args.vocab)
-    servers = {}
+    servers, startup = {}, {}
     for mode in ["eager", "compiled"] if args.compile else ["eager"]:
         lm, tokenizer = load(f"{root}/base", dirs)
+        start = time.perf_counter()
         engine = Engine(lm, tokenizer, max_batch=max(args.clients), max_model_len=PROMPT + NEW, max_queue=256,
                         compile=mode == "compiled")
         servers[mode] = Server(engine, "base", dirs).start()
+        startup[mode] = time.perf_counter() - start
     merged = {}
     for name in ADAPTERS:
         base = transformers.LlamaForCausalLM.from_pretrained(f"{root}/base")
         merged[name] = peft.PeftModel.from_pretrained(base, dirs[name]).merge_and_unload().eval()
     rows = []
     try:
-        for mode, srv in servers.items():  # warm-up: every batch bucket's graph built (and compiled)
-            for n in args.clients:  # base-only batches run another graph than mixed ones: warm both
+        for mode, srv in servers.items():  # warm-up: eager builds a bucket's graph on first use (--compile: at start)
+            for n in args.clients:  # every client count's bucket, base-only and mixed
                 for models in (["base", *ADAPTERS], ["base"]):
                     run_server(srv, requests_for(n, words, args.vocab)[:n], models, n)
         for n in args.clients:
@@ -149,6 +151,8 @@ def main():
     print("|---|---|---|---|---|---|")
     for n, name, rate, base_rate, lat in rows:
         print(f"| {n} | {name} | {rate:.1f} | {rate / base_rate:.2f}x | {statistics.median(lat):.2f} | {pct(lat, 0.99):.2f} |")
+    print("\nServer start-up (graph capture; --compile: every batch bucket compiled): "
+          + ", ".join(f"{mode} {seconds:.1f} s" for mode, seconds in startup.items()))
     seq8 = next((r for r in rows if "sequential" in r[1]), None)
     for mixed8 in [r for r in rows if r[0] == 8 and "mixed" in r[1]] if seq8 else []:
         print(f"\nAt 8 clients, {mixed8[1]}: {mixed8[2] / mixed8[3]:.2f}x base-only (target >= 0.8x), "

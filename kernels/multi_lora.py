@@ -22,6 +22,7 @@ host, a sync, which the eager paths accept and the fake impl (tracing) cannot do
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -68,7 +69,7 @@ def check_multi_lora_args(x, A, B, scales, ids) -> None:
             f"{_OP}: ids is {ids.dtype} of shape {tuple(ids.shape)} on {ids.device}; "
             f"expected 1-D int64 (or int32) adapter indices on {x.device}"
         )
-    t = x.shape[:-1].numel()
+    t = math.prod(x.shape[:-1])  # not Size.numel(): that makes a symbolic width concrete under torch.compile
     if ids.shape[0] == 0 or t % ids.shape[0]:
         raise ValueError(f"{_OP}: x has {t} rows, which do not split into {ids.shape[0]} equal groups (one per id)")
 

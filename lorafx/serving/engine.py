@@ -217,8 +217,27 @@ class Engine:
         self._names = tuple(n for n in named_adapters.names(self.lm) if n != named_adapters.DEFAULT)
         self._graphs: dict[int, tuple] = {}
         self._rows, self._cache, self._mask = [], None, None
+        if self.compile:
+            self._warm()
         self._resize(self._buckets[0], keep=[])
         self._write = 0  # next cache slot every row writes
+
+    def _warm(self) -> None:
+        """Compile every bucket's graph before serving, at a prompt width and at width 1 (torch.compile
+        specializes a size of 1), so that no request waits on a compile (vLLM warms up the same way).
+        The prompt width is one no other size shares (a bucket, the cache length): torch.compile would
+        take it for that size and specialize it."""
+        widths = [w for w in range(2, self.max_model_len) if w not in self._buckets][:1] + [1]
+        for batch in self._buckets:
+            decoder, _, ids = self._graph(batch)
+            ids.fill_(-1)
+            for width in widths:
+                mask = torch.zeros(batch, self.max_model_len, dtype=torch.long, device=ids.device)
+                mask[:, :width] = 1
+                steps = torch.arange(width, device=ids.device)
+                with torch.no_grad():
+                    decoder(input_ids=torch.full((batch, width), self.pad, dtype=torch.long, device=ids.device),
+                            attention_mask=mask, position_ids=steps.repeat(batch, 1), cache_position=steps)
 
     def _graph(self, batch: int) -> tuple:
         """(decoder, cache tensors, adapter-id buffer) of the `batch`-row decode graph, built once."""

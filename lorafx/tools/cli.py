@@ -568,6 +568,9 @@ def run_serve(args) -> int:
     if not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
     lm, tokenizer = load.load(args.model_dir, adapters, quantize=args.quantize)
+    if args.compile:
+        print(f"compiling the decode graph for every batch size up to --max-batch {args.max_batch} (once, before serving)",
+              flush=True)
     engine = server.Engine(lm, tokenizer, max_batch=args.max_batch, max_model_len=args.max_model_len,
                            max_queue=args.max_queue, request_timeout=args.request_timeout, compile=args.compile)
     app = server.Server(engine, name, adapters, host=args.host, port=args.port)
