@@ -8,7 +8,7 @@ each table's ratios as a bar chart (PNG) when matplotlib is installed.
 
     python bench/run_all.py                     # everything that applies; slow
     python bench/run_all.py --quick             # each script's smallest setting: a smoke run
-    python bench/run_all.py --only nf4_quantize --only lora_train_cpu
+    python bench/run_all.py --only nf4_quantize --only train_cpu
     python bench/run_all.py --list              # what would run, and why the rest would not
 
 Benchmarks are not tests: nothing here asserts a timing.
@@ -48,7 +48,8 @@ class Bench:
 # Scripts measure peak memory through /proc RSS (CPU) or the CUDA allocator, so a CPU-memory
 # question run on a GPU machine (or the reverse) would answer a different question.
 SCRIPTS = {
-    "bench_lora_train_cpu": Bench(("cpu",), ("--rounds", "1", "--steps", "2")),
+    "bench_train_cpu": Bench(("cpu",), ("--rounds", "1", "--steps", "1", "--hidden", "128", "--layers", "2",
+                                        "--vocab", "1000", "--seq", "64", "--cases", "steps", "depth", "--depths", "1", "2")),
     "bench_checkpointing": Bench(("cpu",), ("--rounds", "1", "--steps", "1", "--layers", "2")),
     "bench_load_nf4": Bench(("cpu",), ("--layers", "2", "--hidden", "512")),
     "bench_nf4_quantize": Bench(("cpu", "cuda"), ("--small",)),
