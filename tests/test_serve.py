@@ -121,7 +121,6 @@ def test_rows_keep_their_tokens_when_the_cache_is_compacted(folders, oracle, com
     lm, tokenizer = load.load(folders["base"], {name: folders["adapters"][name] for name in ADAPTERS})
     engine = Engine(lm, tokenizer, max_batch=3, max_model_len=20, compile=compile).start()
     compiled_before = counters["stats"]["unique_graphs"]
-    timeout = TIMEOUT
     names, texts, results = ["sql", "chat", None, "tiny"] * 2, prompts(8), {}
     done = threading.Event()
 
@@ -140,8 +139,8 @@ def test_rows_keep_their_tokens_when_the_cache_is_compacted(folders, oracle, com
     try:
         for i, (name, text) in enumerate(zip(names, texts)):
             ids = tokenizer(text).input_ids
-            engine.submit(Request(ids, name, Sampling(max_tokens=10, temperature=0), sink_for(i), timeout))
-        assert done.wait(timeout)
+            engine.submit(Request(ids, name, Sampling(max_tokens=10, temperature=0), sink_for(i), TIMEOUT))
+        assert done.wait(TIMEOUT)
     finally:
         engine.stop()
     assert [results[i] for i in range(len(names))] == [oracle(n, t, 10) for n, t in zip(names, texts)]

@@ -227,7 +227,8 @@ class Engine:
         specializes a size of 1), so that no request waits on a compile (vLLM warms up the same way).
         The prompt width is one no other size shares (a bucket, the cache length): torch.compile would
         take it for that size and specialize it."""
-        widths = [w for w in range(2, self.max_model_len) if w not in self._buckets][:1] + [1]
+        prompt = next((w for w in range(2, self.max_model_len) if w not in self._buckets), None)
+        widths = [1] if prompt is None else [prompt, 1]
         for batch in self._buckets:
             decoder, _, ids = self._graph(batch)
             ids.fill_(-1)
