@@ -117,6 +117,24 @@ def test_decode_graph_holds_the_store_tensors_and_sees_a_new_adapter(tmp_path):
     assert torch.equal(lm.generate(ids, max_new_tokens=8), tiny_model("llama").generate(ids, max_new_tokens=8, do_sample=False))
 
 
+def test_generate_decode_graph_computes_the_head_on_the_last_position_only(tmp_path):
+    """As transformers' generate (logits_to_keep=1): a prefill skips the output head on every
+    other prompt position, and the last position's logits equal a forward's."""
+    lm, _ = peft_pair(tmp_path, "llama")
+    ids, mask = left_padded(batch=2, seq=7)
+    lm.generate(ids, attention_mask=mask, max_new_tokens=1)
+    key, decoder = next((k, v) for k, v in lm._views.items() if k[0] == "decode")
+    cache_len = key[2]
+    full = torch.zeros(2, cache_len, dtype=torch.long)
+    full[:, :7] = mask
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        logits = decoder(input_ids=ids, attention_mask=full, position_ids=positions, cache_position=torch.arange(7))
+        forward = lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert logits.shape == (2, 1, forward.shape[-1])
+    torch.testing.assert_close(logits[:, 0], forward[:, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_eos_rows_continue_with_pad_and_decoding_stops_when_all_finished(tmp_path):
     lm, theirs = peft_pair(tmp_path, "qwen2")
     ids = token_batch(2, 5)

@@ -30,8 +30,14 @@ class GenerationError(ValueError):
     """An input generate() or the decode graph cannot take: the message names it."""
 
 
-def capture_decoder(lm, batch: int, cache_len: int, disabled: bool = False) -> torch.fx.GraphModule:
-    """The decode graph of `lm` for `batch` rows and a cache of `cache_len` positions."""
+def capture_decoder(
+    lm, batch: int, cache_len: int, disabled: bool = False, last_only: bool = False
+) -> torch.fx.GraphModule:
+    """The decode graph of `lm` for `batch` rows and a cache of `cache_len` positions.
+
+    `last_only` returns the logits of the last position only, (B, 1, V), as transformers'
+    generate does with logits_to_keep=1: a prefill then skips the output head on every other
+    prompt position. The exported decoder keeps every position."""
     plan = lm._blueprint
     if lm.config is None or not hasattr(plan, "generation_config"):
         raise GenerationError(f"generate needs a Hugging Face language model; {lm.model_class} has no decode path")
@@ -44,12 +50,18 @@ def capture_decoder(lm, batch: int, cache_len: int, disabled: bool = False) -> t
         for kind, tensor in (("keys", layer.keys), ("values", layer.values), ("length", layer.cumulative_length)):
             model.register_buffer(f"{CACHE}_{kind}_{i}", tensor, persistent=False)
     forward = model.forward
+    keep = {"logits_to_keep": 1} if last_only else {}
 
     def decode(input_ids, attention_mask, position_ids, cache_position):
         for layer in cache.layers:  # where this call writes: the graph carries no Python state between calls
             layer.cumulative_length.copy_(cache_position[0])
         return forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            **keep,
         ).logits
 
     model.forward = decode

@@ -95,7 +95,7 @@ def generate(
         for old in [k for k in lm._views if k[0] == "decode" and len(k) == len(key)][:-1]:
             del lm._views[old]
             lm._views.pop((*old, "compiled"), None)
-    decoder = lm.entry_point(key, lambda: capture_decoder(lm, batch, cache_len, lm._disabled))
+    decoder = lm.entry_point(key, lambda: capture_decoder(lm, batch, cache_len, lm._disabled, last_only=True))
     if lm._adapters is not None or adapter_ids is not None:
         if not lm._disabled:
             named_adapters.write_ids(lm, batch, adapter_ids, gm=decoder)

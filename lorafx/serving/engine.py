@@ -244,7 +244,7 @@ class Engine:
         """(decoder, cache tensors, adapter-id buffer) of the `batch`-row decode graph, built once."""
         if batch not in self._graphs:
             length = self.max_model_len
-            gm = self.lm.entry_point(("serve", batch, length), lambda: capture_decoder(self.lm, batch, length))
+            gm = self.lm.entry_point(("serve", batch, length), lambda: capture_decoder(self.lm, batch, length, last_only=True))
             decoder = torch.compile(gm, backend="lorafx", dynamic=True) if self.compile else gm
             buffers = dict(gm.named_buffers())
             cache = [t for name, t in buffers.items() if name.startswith((f"{CACHE}_keys", f"{CACHE}_values"))]
